@@ -1,0 +1,1 @@
+"""Lattices shipped with accplans (see each module for its origin)."""

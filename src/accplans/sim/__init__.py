@@ -1,0 +1,1 @@
+"""accplans.sim."""
