@@ -29,7 +29,7 @@ class LinearCalibration(_Strict):
 
     type: Literal["linear"] = "linear"
     gain: float = Field(description="strength per hardware unit (e.g. rad/A)")
-    offset: float = Field(0.0, description="strength at zero hardware value")
+    offset: float = Field(default=0.0, description="strength at zero hardware value")
 
     @field_validator("gain")
     @classmethod
@@ -47,7 +47,7 @@ class LinearCalibration(_Strict):
         return (np.asarray(strength, dtype=float) - self.offset) / self.gain
 
     def slope(self, hardware):
-        """d strength / d hardware at ``hardware``."""
+        """D strength / d hardware at ``hardware``."""
         return np.full_like(np.asarray(hardware, dtype=float), self.gain)
 
 
@@ -75,10 +75,12 @@ class PolynomialCalibration(_Strict):
 
     def to_strength(self, hardware):
         """Hardware value(s) -> strength(s)."""
-        return np.polynomial.polynomial.polyval(np.asarray(hardware, dtype=float), self.coefficients)
+        return np.polynomial.polynomial.polyval(
+            np.asarray(hardware, dtype=float), self.coefficients
+        )
 
     def slope(self, hardware):
-        """d strength / d hardware at ``hardware``."""
+        """D strength / d hardware at ``hardware``."""
         der = np.polynomial.polynomial.polyder(self.coefficients)
         return np.polynomial.polynomial.polyval(np.asarray(hardware, dtype=float), der)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import at
 import numpy as np
 
 from ._calibration import LinearCalibration, PolynomialCalibration
 from ._models import (
+    DeviceKind,
     DeviceSpec,
     FamilySpec,
     KnobSpec,
@@ -52,9 +53,12 @@ def _has_kick_angle(_: int, elem: Any) -> bool:
     return hasattr(elem, "KickAngle")
 
 
-def _is_pure(cls: type) -> Callable[[int, Any], bool]:
-    # at.Sextupole is a subclass of at.Multipole, at.Quadrupole too: match the class exactly
-    return lambda _, elem: type(elem) is cls
+def _is_quadrupole(_: int, elem: Any) -> bool:
+    return type(elem) is at.Quadrupole  # exactly: subclasses (combined magnets) are not
+
+
+def _is_sextupole(_: int, elem: Any) -> bool:
+    return type(elem) is at.Sextupole
 
 
 def _names(tag: str, n: int) -> list[str]:
@@ -89,8 +93,8 @@ def from_lattice(
     bpms: Selector = at.Monitor,
     hcorrectors: Selector = _has_kick_angle,
     vcorrectors: Selector = _has_kick_angle,
-    quadrupoles: Selector = _is_pure(at.Quadrupole),
-    sextupoles: Selector = _is_pure(at.Sextupole),
+    quadrupoles: Selector = _is_quadrupole,
+    sextupoles: Selector = _is_sextupole,
     skew_quadrupoles: Selector = None,
     corrector_gain: float = 1e-4,
     corrector_current: float = 5.0,
@@ -145,21 +149,26 @@ def from_lattice(
     def add_family(fname: str, kind: str, names: list[str], plane: str | None = None) -> None:
         if names:
             families[fname] = FamilySpec(
-                kind=kind,  # type: ignore[arg-type]
+                kind=cast(DeviceKind, kind),
                 devices=names,
-                plane=plane,  # type: ignore[arg-type]
+                plane=cast(Any, plane),
                 pvs=family_pvs(prefix, kind, fname),
             )
 
-    common = {"section": section}
+    common: dict[str, Any] = {"section": section}
     # BPMs
     idx = select_elements(lattice, bpms)
     names = _names("BPM", len(idx))
     for n, i in zip(names, idx, strict=True):
         devices.append(
             DeviceSpec(
-                name=n, kind="bpm", elements=[i], element_names=[lattice[i].FamName],
-                pvs=device_pvs(prefix, "bpm", n), unit="mm", **common,
+                name=n,
+                kind="bpm",
+                elements=[i],
+                element_names=[lattice[i].FamName],
+                pvs=device_pvs(prefix, "bpm", n),
+                unit="mm",
+                **common,
             )
         )
     add_family("bpms", "bpm", names)
@@ -173,11 +182,18 @@ def from_lattice(
         for n, i in zip(names, idx, strict=True):
             devices.append(
                 DeviceSpec(
-                    name=n, kind="corrector", plane=plane, elements=[i],  # type: ignore[arg-type]
-                    element_names=[lattice[i].FamName], field=f"KickAngle[{k}]",
-                    pvs=device_pvs(prefix, "corrector", n), unit="A",
+                    name=n,
+                    kind="corrector",
+                    plane=cast(Any, plane),
+                    elements=[i],
+                    element_names=[lattice[i].FamName],
+                    field=f"KickAngle[{k}]",
+                    pvs=device_pvs(prefix, "corrector", n),
+                    unit="A",
                     calibration=LinearCalibration(gain=corrector_gain),
-                    limits=(-corrector_current, corrector_current), tolerance=1e-5, **common,
+                    limits=(-corrector_current, corrector_current),
+                    tolerance=1e-5,
+                    **common,
                 )
             )
         add_family(fname, "corrector", names, plane)
@@ -193,9 +209,17 @@ def from_lattice(
         for n, i in zip(names, idx, strict=True):
             devices.append(
                 DeviceSpec(
-                    name=n, kind=kind, elements=[i], element_names=[lattice[i].FamName],  # type: ignore[arg-type]
-                    field=field, pvs=device_pvs(prefix, kind, n), unit="A", calibration=cal,
-                    limits=limits, tolerance=1e-4, **common,
+                    name=n,
+                    kind=cast(DeviceKind, kind),
+                    elements=[i],
+                    element_names=[lattice[i].FamName],
+                    field=field,
+                    pvs=device_pvs(prefix, kind, n),
+                    unit="A",
+                    calibration=cal,
+                    limits=limits,
+                    tolerance=1e-4,
+                    **common,
                 )
             )
         add_family(fname, kind, names)
@@ -206,7 +230,8 @@ def from_lattice(
         for fam, members in by_fam.items():
             knob = f"{fam}_strength"
             knobs[knob] = KnobSpec(
-                description=f"strength of every {fam} {kind}", unit=unit,
+                description=f"strength of every {fam} {kind}",
+                unit=unit,
                 coefficients=dict.fromkeys(members, 1.0),
             )
     idx = select_elements(lattice, skew_quadrupoles)
@@ -214,10 +239,17 @@ def from_lattice(
     for n, i in zip(names, idx, strict=True):
         devices.append(
             DeviceSpec(
-                name=n, kind="skew_quadrupole", elements=[i], element_names=[lattice[i].FamName],
-                field="PolynomA[1]", pvs=device_pvs(prefix, "skew_quadrupole", n), unit="A",
+                name=n,
+                kind="skew_quadrupole",
+                elements=[i],
+                element_names=[lattice[i].FamName],
+                field="PolynomA[1]",
+                pvs=device_pvs(prefix, "skew_quadrupole", n),
+                unit="A",
                 calibration=LinearCalibration(gain=skew_gain),
-                limits=(-skew_current, skew_current), tolerance=1e-4, **common,
+                limits=(-skew_current, skew_current),
+                tolerance=1e-4,
+                **common,
             )
         )
     add_family("skew", "skew_quadrupole", names)
@@ -227,14 +259,22 @@ def from_lattice(
         f0 = float(lattice[cavities[0]].Frequency)
         devices.append(
             DeviceSpec(
-                name="RF", kind="rf", elements=cavities,
-                element_names=[lattice[i].FamName for i in cavities], field="Frequency",
-                pvs=device_pvs(prefix, "rf", "RF"), unit="Hz",
-                limits=(f0 - rf_range_hz, f0 + rf_range_hz), tolerance=1e-3, **common,
+                name="RF",
+                kind="rf",
+                elements=cavities,
+                element_names=[lattice[i].FamName for i in cavities],
+                field="Frequency",
+                pvs=device_pvs(prefix, "rf", "RF"),
+                unit="Hz",
+                limits=(f0 - rf_range_hz, f0 + rf_range_hz),
+                tolerance=1e-3,
+                **common,
             )
         )
     devices.append(
-        DeviceSpec(name="DCCT", kind="dcct", pvs=device_pvs(prefix, "dcct", "DCCT"), unit="mA", **common)
+        DeviceSpec(
+            name="DCCT", kind="dcct", pvs=device_pvs(prefix, "dcct", "DCCT"), unit="mA", **common
+        )
     )
     devices.append(
         DeviceSpec(name="TUNE", kind="tune", pvs=device_pvs(prefix, "tune", "TUNE"), **common)

@@ -30,10 +30,16 @@ def _ebs() -> MachineDescription:
     source = LatticeSource(builtin="ebs")
     ring = load_lattice(source)
     return from_lattice(
-        ring, "ebs", "EBS:", source=source, machine_id="ebs-twin",
+        ring,
+        "ebs",
+        "EBS:",
+        source=source,
+        machine_id="ebs-twin",
         # as pyAT's err.mat: correctors on the 192 sextupoles and the 96 SH multipoles
-        hcorrectors=[at.Sextupole, "SH.*"], vcorrectors=[at.Sextupole, "SH.*"],
-        skew_quadrupoles="SH.*", corrector_current=10.0,
+        hcorrectors=[at.Sextupole, "SH.*"],
+        vcorrectors=[at.Sextupole, "SH.*"],
+        skew_quadrupoles="SH.*",
+        corrector_current=10.0,
         description="ESRF-EBS-like ring: pyAT's hmba.mat cell repeated 32 times",
     )
 
@@ -42,8 +48,13 @@ def _small() -> MachineDescription:
     source = LatticeSource(builtin="small")
     ring = load_lattice(source)
     return from_lattice(
-        ring, "small", "SMALL:", source=source, machine_id="small-twin",
-        skew_quadrupoles="SF", quadrupole_saturation=0.05,
+        ring,
+        "small",
+        "SMALL:",
+        source=source,
+        machine_id="small-twin",
+        skew_quadrupoles="SF",
+        quadrupole_saturation=0.05,
         description="8-cell 1.5 GeV test ring (accplans/config/lattices/_small_ring.py)",
     )
 
@@ -96,7 +107,9 @@ def load_description(source: str | Path, *, check_lattice: bool = True) -> Machi
         raise DescriptionError(_format_validation(exc, str(path))) from None
     if desc.lattice.file is not None and not Path(desc.lattice.file).is_absolute():
         absolute = (path.parent / desc.lattice.file).resolve()
-        desc = desc.model_copy(update={"lattice": desc.lattice.model_copy(update={"file": str(absolute)})})
+        desc = desc.model_copy(
+            update={"lattice": desc.lattice.model_copy(update={"file": str(absolute)})}
+        )
     if check_lattice:
         try:
             build_lattice(desc)

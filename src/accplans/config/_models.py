@@ -41,7 +41,9 @@ DeviceKind = Literal[
 #: Lattice fields a device may drive. ``KickAngle[0]``/``[1]`` are rad, ``PolynomB[n]`` and
 #: ``PolynomA[n]`` are pyAT's normalized multipole strengths (m^-n), ``Frequency`` Hz,
 #: ``Voltage`` V.
-_FIELD_RE = re.compile(r"^(KickAngle\[[01]\]|PolynomB\[[0-9]\]|PolynomA\[[0-9]\]|Frequency|Voltage)$")
+_FIELD_RE = re.compile(
+    r"^(KickAngle\[[01]\]|PolynomB\[[0-9]\]|PolynomA\[[0-9]\]|Frequency|Voltage)$"
+)
 
 #: Signals a device of each kind must have PVs for (more are allowed).
 REQUIRED_PVS: dict[str, tuple[str, ...]] = {
@@ -72,10 +74,16 @@ class _Strict(BaseModel):
 class LatticeSource(_Strict):
     """Where the lattice comes from: a built-in lattice, or any file pyAT reads."""
 
-    builtin: str | None = Field(None, description="name of a lattice shipped with accplans")
-    file: str | None = Field(None, description="path of a lattice file (.mat, .m, .json, ...)")
-    repeat: int = Field(1, ge=1, description="number of times the file's cells are repeated")
-    use: str | None = Field(None, description="variable name in a .mat file holding the ring")
+    builtin: str | None = Field(default=None, description="name of a lattice shipped with accplans")
+    file: str | None = Field(
+        default=None, description="path of a lattice file (.mat, .m, .json, ...)"
+    )
+    repeat: int = Field(
+        default=1, ge=1, description="number of times the file's cells are repeated"
+    )
+    use: str | None = Field(
+        default=None, description="variable name in a .mat file holding the ring"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> LatticeSource:
@@ -113,12 +121,14 @@ class DeviceSpec(_Strict):
     element_names: list[str] = Field(
         default_factory=list, description="FamName of each element, checked against the lattice"
     )
-    field: str | None = Field(None, description="lattice field driven, e.g. 'KickAngle[0]'")
+    field: str | None = Field(default=None, description="lattice field driven, e.g. 'KickAngle[0]'")
     plane: Literal["h", "v"] | None = None
     pvs: dict[str, str]
-    unit: str = Field("", description="hardware unit of the main value PVs (A, Hz, mm, mA)")
+    unit: str = Field(default="", description="hardware unit of the main value PVs (A, Hz, mm, mA)")
     calibration: Calibration | None = None
-    limits: tuple[float, float] | None = Field(None, description="hardware limits (low, high)")
+    limits: tuple[float, float] | None = Field(
+        default=None, description="hardware limits (low, high)"
+    )
     tolerance: float | None = Field(
         None, gt=0, description="readback tolerance (hardware units) for set completion"
     )
@@ -207,7 +217,9 @@ class MachineDescription(_Strict):
                 raise ValueError(f"family {fname}: unknown devices {unknown[:5]}")
             wrong = [n for n in fam.devices if by_name[n].kind != fam.kind]
             if wrong:
-                raise ValueError(f"family {fname} ({fam.kind}): devices of another kind {wrong[:5]}")
+                raise ValueError(
+                    f"family {fname} ({fam.kind}): devices of another kind {wrong[:5]}"
+                )
             missing = [s for s in REQUIRED_FAMILY_PVS.get(fam.kind, ()) if s not in fam.pvs]
             if missing:
                 raise ValueError(f"family {fname}: needs array PVs for {missing}")
@@ -227,7 +239,9 @@ class MachineDescription(_Strict):
         pv_owner: dict[str, str] = {}
         all_pvs = [(f"pvs.{k}", v) for k, v in self.pvs.items()]
         all_pvs += [(f"device {d.name}.{k}", v) for d in self.devices for k, v in d.pvs.items()]
-        all_pvs += [(f"family {f}.{k}", v) for f, fam in self.families.items() for k, v in fam.pvs.items()]
+        all_pvs += [
+            (f"family {f}.{k}", v) for f, fam in self.families.items() for k, v in fam.pvs.items()
+        ]
         for where, pv in all_pvs:
             if pv.startswith(TWIN_PREFIX):
                 raise ValueError(f"{where}: {pv!r} is a twin truth/control PV; none may be used")

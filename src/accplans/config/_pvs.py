@@ -55,7 +55,9 @@ def device_pvs(prefix: str, kind: str, name: str) -> dict[str, str]:
 
 def family_pvs(prefix: str, kind: str, family: str) -> dict[str, str]:
     """Array PV names of a family (empty for kinds without array PVs)."""
-    return {sig: f"{prefix}{family.upper()}:{suffix}" for sig, suffix in _FAMILY.get(kind, {}).items()}
+    return {
+        sig: f"{prefix}{family.upper()}:{suffix}" for sig, suffix in _FAMILY.get(kind, {}).items()
+    }
 
 
 def machine_pvs(prefix: str) -> dict[str, str]:
