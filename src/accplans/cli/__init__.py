@@ -1,6 +1,8 @@
-"""Command-line entry point: `accplans ...` (wiring only)."""
+"""The ``accplans`` command line (wiring only).
 
+``accplans twin serve``, ``accplans tiled serve``, ``accplans demo``, ``accplans describe``.
+"""
 
-def main() -> None:
-    """Run the accplans command line."""
-    raise SystemExit("accplans: no commands yet")
+from ._main import main
+
+__all__ = ["main"]

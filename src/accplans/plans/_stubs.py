@@ -1,0 +1,82 @@
+"""Plan stubs: steps that open no run.
+
+Every interaction of a plan with devices goes through here or through
+:func:`accplans.devices.call_async`, so the plans themselves read as physics procedures: set
+magnets and wait for orbit data taken after they settled, read setpoints, restore.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import numpy as np
+from bluesky.utils import MsgGenerator
+
+from accplans.devices import OrbitFrame, OrbitSource, Select, SettableFamily, call_async
+
+__all__ = [
+    "BeamLost",
+    "read_orbit_frame",
+    "set_and_settle",
+    "set_family_hardware",
+]
+
+#: Timestamps cross the control system as floats; frames within this of the readbacks' time
+#: count as taken with them (EPICS stamps to the ns, a double near 1.7e9 s resolves 0.2 us).
+_STAMP_RESOLUTION = 1e-6
+
+
+class BeamLost(RuntimeError):
+    """The beam was lost while a plan ran (no valid BPM reading)."""
+
+
+def set_family_hardware(
+    family: SettableFamily, values: np.ndarray, *, select: Select = None
+) -> MsgGenerator[None]:
+    """Set members of ``family`` to hardware values (A, Hz) and wait until they read back."""
+    yield from call_async(family.set_hardware, np.asarray(values, float), select)
+
+
+def set_and_settle(
+    family: SettableFamily, values: np.ndarray, *, hardware: bool = True
+) -> MsgGenerator[tuple[np.ndarray, float]]:
+    """Set a whole family, wait for its readbacks, return them (hardware units) and their time.
+
+    Args:
+        family: the family to set.
+        values: one value per member, hardware units (``hardware=True``) or SI.
+        hardware: whether ``values`` are hardware values or strengths.
+
+    Returns:
+        ``(readbacks, time)``: orbit data taken at or after ``time`` (epoch, s) saw them.
+    """
+    setter = family.set_hardware if hardware else family.set_strengths
+    yield from call_async(setter, np.asarray(values, float))
+    return (yield from call_async(family.stamped_readbacks))
+
+
+def read_orbit_frame(
+    bpms: OrbitSource, *, after: float, timeout: float = 10.0
+) -> MsgGenerator[OrbitFrame]:
+    """Wait for the first orbit frame taken at or after ``after`` (epoch, s) and return it.
+
+    Raises:
+        BeamLost: the frame has no valid reading.
+        TimeoutError: no such frame within ``timeout`` s.
+    """
+    frame: OrbitFrame = yield from call_async(
+        bpms.wait_for_frame, after=after - _STAMP_RESOLUTION, timeout=timeout
+    )
+    if not np.any(frame.valid):
+        raise BeamLost(
+            f"beam lost: no BPM of {bpms.name} has a valid reading (frame {frame.counter}, "
+            f"taken {time.ctime(frame.time)})"
+        )
+    return frame
+
+
+def checkpoint() -> MsgGenerator[Any]:
+    """A checkpoint before a set -> settle -> read step (a pause replays the whole step)."""
+    return (yield from bps.checkpoint())

@@ -1,0 +1,54 @@
+"""Long computations (model ORMs, fits, tracking) in a worker process, awaited by the plan.
+
+pyAT and heavy numpy hold the GIL: run in the RunEngine's process they would freeze its event
+loop (monitors, pause, abort, suspenders). ``compute`` sends the call to a worker process and
+the plan waits on it like on any other future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, TypeVar, cast
+
+from bluesky.utils import MsgGenerator
+
+from accplans.devices import call_async
+
+__all__ = ["compute", "shutdown_workers"]
+
+T = TypeVar("T")
+_executor: ProcessPoolExecutor | None = None
+
+
+def _pool() -> ProcessPoolExecutor:
+    global _executor
+    if _executor is None:
+        # spawn: a forked child would inherit the RunEngine's threads and EPICS contexts
+        _executor = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+        )
+        atexit.register(shutdown_workers)
+    return _executor
+
+
+def shutdown_workers() -> None:
+    """Stop the worker process (it is started again on the next ``compute``)."""
+    global _executor
+    if _executor is not None:
+        _executor.shutdown(wait=True, cancel_futures=True)
+        _executor = None
+
+
+def compute(fn: Callable[..., T], *args: Any, timeout: float | None = None) -> MsgGenerator[T]:
+    """Run ``fn(*args)`` in the worker process and return its result (a plan stub).
+
+    ``fn`` and its arguments must be picklable (module-level functions, arrays, descriptions).
+    """
+    future: Future[T] = _pool().submit(fn, *args)
+    if timeout is None:
+        return cast(T, (yield from call_async(asyncio.wrap_future, future)))
+    return (yield from call_async(lambda: asyncio.wait_for(asyncio.wrap_future(future), timeout)))

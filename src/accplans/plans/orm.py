@@ -1,0 +1,259 @@
+"""``measure_orm``: the orbit response matrix, measured with bipolar corrector kicks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+import numpy as np
+from bluesky.utils import MsgGenerator
+
+from accplans.data import ResultReadable, run_metadata
+from accplans.devices import OrbitFrame, OrbitSource, SettableFamily, resolve_select
+from accplans.physics import orm_from_bipolar
+
+from ._record import Record
+from ._safety import check_hardware_limits, description_of, restore_on_exit, take_snapshot
+from ._stubs import read_orbit_frame, set_and_settle, set_family_hardware
+from .orbit import _orbit_record
+
+__all__ = ["measure_orm"]
+
+
+def measure_orm(
+    bpms: OrbitSource,
+    correctors: SettableFamily | Sequence[SettableFamily],
+    *,
+    select: Any = None,
+    bpm_select: Any = None,
+    kick: float = 40e-6,
+    rf: SettableFamily | None = None,
+    rf_step: float = 20.0,
+    settle: float = 0.0,
+    timeout: float = 10.0,
+    bpm_noise: float | Sequence[float] | None = None,
+    md: dict | None = None,
+) -> MsgGenerator[str]:
+    """Measure the orbit response matrix with bipolar kicks of each selected corrector.
+
+    Each selected corrector is set to its starting kick + ``kick``, then - ``kick``; after each
+    setting has been read back, the plan waits for the first BPM frame taken after the magnets
+    settled (plus ``settle``) and records it. Columns use the kicks *read back*; an element is
+    valid when its BPM was valid at both steps. With horizontal and vertical families, the
+    matrix has all four blocks (rows: x of every BPM, then y; columns: selected correctors in
+    family order). With ``rf``, the RF frequency is stepped by +-``rf_step`` for an RF column.
+
+    All targets are checked against the limits before anything moves. Every corrector (and the
+    RF frequency) is restored to its starting setpoint however the plan ends (success, error,
+    abort, lost beam); if the machine cannot be reached, a pending restore is journaled for
+    ``restore_setpoints``.
+
+    Args:
+        bpms: the BPM family (an orbit source).
+        correctors: a corrector family or several (e.g. ``[hcorr, vcorr]``).
+        select: correctors to kick: names, indices or a boolean mask over the families'
+            members concatenated in order; all by default.
+        bpm_select: BPM rows to keep: names, indices or a mask; all by default.
+        kick: kick amplitude (rad); each corrector goes to start +- kick.
+        rf: the RF device, to add an RF-frequency column (m/Hz).
+        rf_step: RF frequency step (Hz) for the RF column.
+        settle: extra wait after the readbacks settled before a frame counts (s).
+        timeout: longest wait for one fresh frame (s).
+        bpm_noise: standard deviation of one BPM reading (m): a scalar, or one per selected
+            BPM (e.g. ``std_x``/``std_y`` of a ``measure_orbit`` result, x then y); gives the
+            standard error of every matrix element (``noise``, m/rad; NaN without it).
+        md: metadata added to the run's start document.
+
+    Returns:
+        The uid of the run; its ``result_orm`` stream holds the matrix (m/rad), the RF column
+        (m/Hz, NaN without ``rf``), names, kicks and the valid mask (``load_result(uid, "orm")``).
+    """
+    families = [correctors] if isinstance(correctors, SettableFamily) else list(correctors)
+    if not families:
+        raise ValueError("measure_orm needs at least one corrector family")
+    if not np.isfinite(kick) or kick <= 0:
+        raise ValueError(f"kick must be a positive number of rad, got {kick!r}")
+    description = description_of(bpms, *families, rf)
+    all_names = [n for fam in families for n in fam.names]
+    owner = [(f, m) for f, fam in enumerate(families) for m in range(len(fam.names))]
+    columns = resolve_select(select, all_names, owner="correctors")
+    rows = resolve_select(bpm_select, bpms.names, owner=bpms.name)
+    bpm_names = [bpms.names[i] for i in rows]
+    col_names = [all_names[j] for j in columns]
+    planes = [description.device(n).plane or "" for n in col_names]
+    moved = list(families) + ([rf] if rf is not None else [])
+    noise = None
+    if bpm_noise is not None:
+        noise = np.asarray(bpm_noise, float)
+        if noise.ndim == 1:
+            if noise.size != 2 * len(rows):
+                raise ValueError(f"bpm_noise: {noise.size} values for {2 * len(rows)} rows")
+            noise = noise[:, None]
+
+    _md = run_metadata(
+        description,
+        plan_name="measure_orm",
+        plan_args={
+            "bpms": bpms.name,
+            "correctors": [f.name for f in families],
+            "select": repr(select),
+            "bpm_select": repr(bpm_select),
+            "kick": kick,
+            "rf": rf is not None,
+            "rf_step": rf_step,
+            "settle": settle,
+        },
+        units={"step-kick": "rad", "step-kick_readback": "rad", "orbit-x": "m", "orbit-y": "m"},
+        num_points=2 * len(columns) + (2 if rf is not None else 0),
+        corrector_names=col_names,
+        bpm_names=bpm_names,
+    )
+    _md.update(md or {})
+
+    def plan() -> MsgGenerator[str]:
+        snapshot = yield from take_snapshot(description, moved)
+        start = {f.name: np.array([snapshot.setpoints[f.name][n] for n in f.names]) for f in moved}
+        # every target, in hardware units, checked before anything moves
+        targets: dict[int, tuple[float, float]] = {}
+        for j in columns:
+            f, m = owner[j]
+            fam = families[f]
+            spec = description.device(fam.names[m])
+            assert spec.calibration is not None
+            s0 = float(spec.calibration.to_strength(start[fam.name][m]))
+            targets[j] = (
+                float(spec.calibration.to_hardware(s0 + kick)),
+                float(spec.calibration.to_hardware(s0 - kick)),
+            )
+        check_hardware_limits(
+            description,
+            [all_names[j] for j in columns for _ in (0, 1)],
+            np.array([t for j in columns for t in targets[j]]),
+        )
+        if rf is not None:
+            f0 = start[rf.name][0]
+            check_hardware_limits(
+                description, list(rf.names) * 2, np.array([f0 + rf_step, f0 - rf_step])
+            )
+
+        @bpp.run_decorator(md=_md)
+        def measure() -> MsgGenerator[None]:
+            nrow = len(rows)
+            plus = np.full((2 * nrow, len(columns)), np.nan)
+            minus = np.full_like(plus, np.nan)
+            k_plus = np.full(len(columns), np.nan)
+            k_minus = np.full(len(columns), np.nan)
+            ok = np.ones_like(plus, dtype=bool)
+            records = (_step_record(), _orbit_record(nrow, bpms.name))
+            current = {name: values.copy() for name, values in start.items()}
+            for c, j in enumerate(columns):
+                f, m = owner[j]
+                fam = families[f]
+                spec = description.device(fam.names[m])
+                assert spec.calibration is not None
+                for sign, target in zip((+1, -1), targets[j], strict=True):
+                    yield from bps.checkpoint()
+                    values = current[fam.name].copy()
+                    values[m] = target
+                    readbacks, settled = yield from set_and_settle(fam, values)
+                    current[fam.name] = values
+                    frame = yield from read_orbit_frame(
+                        bpms, after=settled + settle, timeout=timeout
+                    )
+                    kick_rb = float(spec.calibration.to_strength(readbacks[m]))
+                    kick_rb -= float(spec.calibration.to_strength(start[fam.name][m]))
+                    orbit = np.concatenate([frame.x[rows], frame.y[rows]])
+                    valid = np.concatenate([frame.valid[rows], frame.valid[rows]])
+                    (plus if sign > 0 else minus)[:, c] = orbit
+                    (k_plus if sign > 0 else k_minus)[c] = kick_rb
+                    ok[:, c] &= valid
+                    yield from _record_step(
+                        records, c, all_names[j], sign * kick, kick_rb, frame, rows
+                    )
+                # back to the start value (folded into the next corrector's put when possible)
+                current[fam.name][m] = start[fam.name][m]
+                nxt = columns[c + 1] if c + 1 < len(columns) else None
+                if nxt is None or owner[nxt][0] != f:
+                    yield from set_family_hardware(fam, current[fam.name])
+            rf_column = np.full(2 * nrow, np.nan)
+            if rf is not None:
+                rf_column = yield from _rf_column(
+                    records, rf, start[rf.name], rf_step, bpms, rows, settle, timeout
+                )
+            matrix, sigma = orm_from_bipolar(plus, minus, k_plus, k_minus, noise_m=noise)
+            yield from bps.create("result_orm")
+            yield from bps.read(
+                ResultReadable(
+                    "orm",
+                    matrix=np.where(ok, matrix, np.nan),
+                    rf_column=rf_column,
+                    bpm_names=bpm_names,
+                    corrector_names=col_names,
+                    corrector_planes=planes,
+                    kicks=(k_plus - k_minus) / 2,
+                    valid=ok,
+                    noise=np.full_like(matrix, np.nan) if sigma is None else sigma,
+                )
+            )
+            yield from bps.save()
+
+        return (yield from restore_on_exit(measure(), moved, snapshot, policy="measurement"))
+
+    return (yield from plan())
+
+
+def _step_record() -> Record:
+    return Record(
+        "step",
+        {"column": 0, "corrector": "", "kick": 0.0, "kick_readback": 0.0},
+        {"kick": "rad", "kick_readback": "rad"},
+    )
+
+
+def _record_step(
+    records: tuple[Record, Record],
+    column: int,
+    name: str,
+    kick: float,
+    kick_readback: float,
+    frame: OrbitFrame,
+    rows: np.ndarray,
+) -> MsgGenerator[None]:
+    step, orbit = records
+    yield from bps.create("primary")
+    yield from bps.read(
+        step.update(column=column, corrector=name, kick=kick, kick_readback=kick_readback)
+    )
+    yield from bps.read(
+        orbit.update(
+            x=frame.x[rows],
+            y=frame.y[rows],
+            valid=frame.valid[rows].astype(np.int8),
+            counter=frame.counter,
+            frame_time=frame.time,
+        )
+    )
+    yield from bps.save()
+
+
+def _rf_column(
+    records: tuple[Record, Record],
+    rf: SettableFamily,
+    f_start: np.ndarray,
+    step: float,
+    bpms: OrbitSource,
+    rows: np.ndarray,
+    settle: float,
+    timeout: float,
+) -> MsgGenerator[np.ndarray]:
+    orbits = []
+    for sign in (+1, -1):
+        yield from bps.checkpoint()
+        _, settled = yield from set_and_settle(rf, f_start + sign * step)
+        frame = yield from read_orbit_frame(bpms, after=settled + settle, timeout=timeout)
+        orbits.append(np.concatenate([frame.x[rows], frame.y[rows]]))
+        yield from _record_step(records, -1, rf.names[0], sign * step, sign * step, frame, rows)
+    yield from set_family_hardware(rf, f_start)
+    return (orbits[0] - orbits[1]) / (2 * step)

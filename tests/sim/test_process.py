@@ -1,0 +1,138 @@
+"""Twin processes: start from any lattice file, stop cleanly, die with their parent; EBS size."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import at
+import numpy as np
+import pytest
+from aioca import caget, caput
+
+from accplans.config import BUILTIN_LATTICES, load_description
+from accplans.sim import TwinPorts, TwinProcess, run_twin
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) pids whose process group is ``pgid`` (from /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait for any process (not only a child) to exit, through a pidfd; True if it did."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout)
+        return bool(readable)
+    finally:
+        os.close(fd)
+
+
+def test_twin_from_a_lattice_file_stops_and_leaves_nothing_behind(twin_ports: TwinPorts, tmp_path):
+    path = tmp_path / "myring.mat"
+    pid = -1
+    at.save_lattice(BUILTIN_LATTICES["small"](), str(path))
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        run_twin(
+            lattice=path,
+            ports=twin_ports,
+            errors=False,
+            tick="periodic",
+            export_dir=tmp_path / "exports",
+        ) as twin,
+    ):
+        pid = twin.pid
+        assert twin.machine == "myring" and twin.prefix == "MYRING:"
+        assert twin.control.get("MYRING:MACHINE:ID") == "myring-twin"
+        assert len(twin.control.get("MYRING:BPMS:X")) == 16
+        # periodic ticks: a completed put has been taken into account too
+        t_put = time.time()
+        twin.control.put("MYRING:HCM001:SP", 0.3)
+        assert twin.control.get("MYRING:HCM001:RB") == 0.3
+        assert twin.control.get("MYRING:BPMS:TIME") >= t_put
+        truth = twin.control.export_truth()  # to the --export-dir
+        assert truth.meta["machine"] == "myring"
+        assert (tmp_path / "exports" / "lattice.mat").exists()
+        assert _group_members(pid) == [pid]
+        raise RuntimeError("boom")
+    assert _wait_exit(pid, 0)  # already reaped when the block exits
+    assert _group_members(pid) == []
+
+
+def test_twin_dies_with_its_parent(twin_ports: TwinPorts):
+    code = textwrap.dedent(
+        f"""
+        import sys, time
+        from accplans.sim import TwinPorts, run_twin
+        with run_twin("small", ports=TwinPorts({twin_ports.ca}, {twin_ports.pva},
+                      {twin_ports.pva_broadcast})) as twin:
+            print("TWINPID", twin.pid, flush=True)
+            time.sleep(120)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    try:
+        assert parent.stdout is not None
+        line = b""
+        while not line.startswith(b"TWINPID"):  # pyAT may print first
+            line = parent.stdout.readline()
+            assert line, "the parent process ended before starting its twin"
+        twin_pid = int(line.split()[1])
+        assert not _wait_exit(twin_pid, 0)
+        parent.kill()  # SIGKILL: no cleanup in the parent; the twin must notice on its own
+        parent.wait(10)
+        assert _wait_exit(twin_pid, 20), "the twin outlived its parent"
+        assert _group_members(twin_pid) == []
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+@pytest.mark.ebs
+async def test_ebs_family_put_of_every_corrector(fresh_ebs_twin: TwinProcess, tmp_path):
+    twin = fresh_ebs_twin
+    desc = load_description("ebs")
+    twin.control.set_noise(False)
+    truth = twin.control.export_truth(tmp_path / "before")
+    names = desc.families["hcorr"].devices
+    assert len(names) == 288
+    currents = np.random.default_rng(0).uniform(-0.05, 0.05, len(names))
+    counter = await caget(twin.pv("BPMS:COUNTER"))
+    await caput(twin.pv("HCORR:SP"), currents, wait=True, timeout=30)
+    assert await caget(twin.pv("BPMS:COUNTER")) > counter
+    x = await caget(twin.pv("BPMS:X"))
+    assert len(x) == 320
+    ring = truth.ring.deepcopy()
+    for name, current in zip(names, currents, strict=True):
+        dev = desc.device(name)
+        assert dev.calibration is not None
+        kick = float(dev.calibration.to_strength(current)) * truth.corrector_scale(name)
+        ring[dev.elements[0]].KickAngle[0] = kick
+    _, orbit = at.find_orbit4(ring, dct=truth.dct_m, refpts=truth.bpm_elements)
+    expected = truth.readings(orbit[:, (0, 2)])[:, 0] * 1e3
+    np.testing.assert_allclose(x, expected, atol=1e-6)
