@@ -55,6 +55,7 @@ def _small() -> MachineDescription:
         machine_id="small-twin",
         skew_quadrupoles="SF",
         quadrupole_saturation=0.05,
+        rf_range_hz=20000.0,
         description="8-cell 1.5 GeV test ring (accplans/config/lattices/_small_ring.py)",
     )
 

@@ -73,11 +73,15 @@ class OrbitSource(Protocol):
     :func:`call_async` (module docstring).
     """
 
-    name: str
-    """Name used in messages and in the run's metadata."""
+    @property
+    def name(self) -> str:
+        """Name used in messages and in the run's metadata."""
+        ...
 
-    description: MachineDescription | None
-    """The machine description the BPMs belong to (identity, calibrations, limits)."""
+    @property
+    def description(self) -> MachineDescription | None:
+        """The machine description the BPMs belong to (identity, calibrations, limits)."""
+        ...
 
     @property
     def names(self) -> Sequence[str]:
@@ -110,11 +114,15 @@ class SettableFamily(Protocol):
     :func:`call_async`.
     """
 
-    name: str
-    """Name used in messages, in snapshots and in the run's metadata."""
+    @property
+    def name(self) -> str:
+        """Name used in messages, in snapshots and in the run's metadata."""
+        ...
 
-    description: MachineDescription | None
-    """The machine description the members belong to (identity, calibrations, limits)."""
+    @property
+    def description(self) -> MachineDescription | None:
+        """The machine description the members belong to (identity, calibrations, limits)."""
+        ...
 
     @property
     def names(self) -> Sequence[str]:

@@ -40,16 +40,27 @@ def orm_from_bipolar(
     matrix = (np.asarray(orbit_plus_m, float) - np.asarray(orbit_minus_m, float)) / dk
     sigma = None
     if noise_m is not None:
-        sigma = np.sqrt(2.0) * np.broadcast_to(np.asarray(noise_m, float), matrix.shape) / np.abs(dk)
+        sigma = (
+            np.sqrt(2.0) * np.broadcast_to(np.asarray(noise_m, float), matrix.shape) / np.abs(dk)
+        )
     return matrix, sigma
 
 
-def orm_relative_difference(measured: np.ndarray, reference: np.ndarray) -> float:
-    """``max |measured - reference| / max |reference|``: the agreement figure of an ORM."""
+def orm_relative_difference(
+    measured: np.ndarray, reference: np.ndarray, scale: float | None = None
+) -> float:
+    """``max |measured - reference| / scale``: the agreement figure of an ORM (or a block).
+
+    Args:
+        measured: the measured matrix (or block), m/rad.
+        reference: the reference of the same shape, m/rad.
+        scale: the normaliser; default ``max |reference|``. Give the largest element of the
+            whole matrix for a cross-plane block, which is zero on an uncoupled lattice.
+    """
     reference = np.asarray(reference, float)
-    scale = np.max(np.abs(reference))
+    scale = float(np.max(np.abs(reference))) if scale is None else float(scale)
     if scale == 0:
-        raise ValueError("reference matrix is zero")
+        raise ValueError("reference matrix is zero: give the scale of the whole matrix")
     return float(np.max(np.abs(np.asarray(measured, float) - reference)) / scale)
 
 

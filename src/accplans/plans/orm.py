@@ -10,16 +10,24 @@ import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import MsgGenerator
 
+from accplans.config import MachineDescription
 from accplans.data import ResultReadable, run_metadata
 from accplans.devices import OrbitFrame, OrbitSource, SettableFamily, resolve_select
+from accplans.model import OnlineModel
 from accplans.physics import orm_from_bipolar
 
 from ._record import Record
 from ._safety import check_hardware_limits, description_of, restore_on_exit, take_snapshot
 from ._stubs import read_orbit_frame, set_and_settle, set_family_hardware
+from ._worker import compute
 from .orbit import _orbit_record
 
 __all__ = ["measure_orm"]
+
+
+def momentum_compaction(description: MachineDescription) -> float:
+    """alpha_c of the description's design lattice (run in a worker process)."""
+    return OnlineModel(description).alpha_c
 
 
 def measure_orm(
@@ -30,7 +38,8 @@ def measure_orm(
     bpm_select: Any = None,
     kick: float = 40e-6,
     rf: SettableFamily | None = None,
-    rf_step: float = 20.0,
+    rf_step: float | None = None,
+    rf_dp: float = 1e-4,
     settle: float = 0.0,
     timeout: float = 10.0,
     bpm_noise: float | Sequence[float] | None = None,
@@ -58,7 +67,10 @@ def measure_orm(
         bpm_select: BPM rows to keep: names, indices or a mask; all by default.
         kick: kick amplitude (rad); each corrector goes to start +- kick.
         rf: the RF device, to add an RF-frequency column (m/Hz).
-        rf_step: RF frequency step (Hz) for the RF column.
+        rf_step: RF frequency step (Hz) for the RF column; by default the step that shifts
+            the beam energy by ``rf_dp`` (``df = rf_dp * f * alpha_c``, alpha_c from the online
+            model, computed in a worker process), kept within half the distance to the limits.
+        rf_dp: relative energy offset of the default RF step.
         settle: extra wait after the readbacks settled before a frame counts (s).
         timeout: longest wait for one fresh frame (s).
         bpm_noise: standard deviation of one BPM reading (m): a scalar, or one per selected
@@ -113,6 +125,7 @@ def measure_orm(
     _md.update(md or {})
 
     def plan() -> MsgGenerator[str]:
+        step = rf_step
         snapshot = yield from take_snapshot(description, moved)
         start = {f.name: np.array([snapshot.setpoints[f.name][n] for n in f.names]) for f in moved}
         # every target, in hardware units, checked before anything moves
@@ -134,9 +147,12 @@ def measure_orm(
         )
         if rf is not None:
             f0 = start[rf.name][0]
-            check_hardware_limits(
-                description, list(rf.names) * 2, np.array([f0 + rf_step, f0 - rf_step])
-            )
+            if step is None:
+                alpha_c = yield from compute(momentum_compaction, description)
+                low, high = rf.limits()
+                room = 0.5 * min(f0 - float(low[0]), float(high[0]) - f0)
+                step = min(abs(rf_dp) * f0 * abs(alpha_c), room)
+            check_hardware_limits(description, list(rf.names) * 2, np.array([f0 + step, f0 - step]))
 
         @bpp.run_decorator(md=_md)
         def measure() -> MsgGenerator[None]:
@@ -180,7 +196,7 @@ def measure_orm(
             rf_column = np.full(2 * nrow, np.nan)
             if rf is not None:
                 rf_column = yield from _rf_column(
-                    records, rf, start[rf.name], rf_step, bpms, rows, settle, timeout
+                    records, rf, start[rf.name], step, bpms, rows, settle, timeout
                 )
             matrix, sigma = orm_from_bipolar(plus, minus, k_plus, k_minus, noise_m=noise)
             yield from bps.create("result_orm")

@@ -1,0 +1,5 @@
+"""``python -m accplans.cli`` is ``accplans``."""
+
+from . import main
+
+main()
