@@ -12,6 +12,7 @@ import atexit
 import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar, cast
 
 from bluesky.utils import MsgGenerator
@@ -48,7 +49,11 @@ def compute(fn: Callable[..., T], *args: Any, timeout: float | None = None) -> M
 
     ``fn`` and its arguments must be picklable (module-level functions, arrays, descriptions).
     """
-    future: Future[T] = _pool().submit(fn, *args)
+    try:
+        future: Future[T] = _pool().submit(fn, *args)
+    except BrokenProcessPool:  # a worker died (killed, out of memory): start a new one
+        shutdown_workers()
+        future = _pool().submit(fn, *args)
     if timeout is None:
         return cast(T, (yield from call_async(asyncio.wrap_future, future)))
     return (yield from call_async(lambda: asyncio.wait_for(asyncio.wrap_future(future), timeout)))

@@ -1,0 +1,201 @@
+"""measure_orm against the physics: pyAT's ORM of the lattice the twin serves, and its noise.
+
+Agreement figures are ``max |measured - reference| / max |reference|`` per block (x and y rows
+of horizontal and vertical correctors); a cross-plane block that is zero in the reference (the
+error-free machine has no coupling) is normalised by the largest element of the whole matrix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from accplans.config import MachineDescription, build_lattice
+from accplans.data import BackgroundTiledWriter, load_result
+from accplans.devices import Machine
+from accplans.model import dct_for_frequency
+from accplans.physics import chi2_per_dof, orm_relative_difference
+from accplans.plans import measure_orm
+from accplans.sim import ErrorModel, TwinPorts, TwinProcess, run_twin
+from tests.plans.helpers import (
+    as_read_by_bpms,
+    assert_same_setpoints,
+    block_agreement,
+    bpm_elements,
+    connect_to,
+    machine_setpoints,
+    model_rf_column,
+    reference_orm,
+    written_run,
+)
+
+TOLERANCE = 2e-3  # per block, relative to the block's largest element
+RF_STEP = 20.0  # Hz, measure_orm's default
+
+
+@pytest.fixture
+def perfect_small_twin(twin_ports: TwinPorts) -> Iterator[TwinProcess]:
+    """The small ring with no errors and no noise (its own process, on a port trio of the pool)."""
+    with run_twin("small", errors=False, noise=False, ports=twin_ports) as twin:
+        yield twin
+
+
+@pytest.fixture
+def perfect_ebs_twin(twin_ports: TwinPorts) -> Iterator[TwinProcess]:
+    """The EBS-size ring with no errors and no noise."""
+    with run_twin("ebs", errors=False, noise=False, ports=twin_ports) as twin:
+        yield twin
+
+
+def _measure(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    machine: Machine,
+    **kwargs: Any,
+) -> tuple[Any, float]:
+    """Run measure_orm (both families, RF column) and load its result; return it and the time."""
+    before = machine_setpoints(machine)
+    t0 = time.perf_counter()
+    result = run_engine(measure_orm(machine.bpms, [machine.hcorr, machine.vcorr], **kwargs))
+    elapsed = time.perf_counter() - t0
+    assert result.exit_status == "success"
+    assert_same_setpoints(machine_setpoints(machine), before)
+    (uid,) = result.run_start_uids
+    written_run(client, writer, uid)
+    return load_result(client, uid, "orm"), elapsed
+
+
+def _check_against_design(
+    result: Any, description: MachineDescription, machine: Machine, label: str
+) -> dict[str, float]:
+    """Blocks and RF column of ``result`` against the description's lattice (the twin has no
+    errors): brute_force_orm at the served frequency, RF column by finite difference."""
+    data = result.data
+    names, planes = list(data["corrector_names"]), list(data["corrector_planes"])
+    ring = build_lattice(description)
+    (f_served,) = machine_setpoints(machine)["RF"]
+    dct = dct_for_frequency(ring, f_served)
+    reference = reference_orm(ring, description, names, dct=dct)
+    figures = block_agreement(data["matrix"], reference, planes)
+    rf_model = model_rf_column(ring, bpm_elements(description), f_served, RF_STEP)
+    figures["rf"] = orm_relative_difference(data["rf_column"], rf_model)
+    print(f"\n{label}: dct {dct:.3g} m at {f_served:.1f} Hz; agreement {figures}")
+    return figures
+
+
+def test_orm_of_the_error_free_small_ring_is_pyats(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    perfect_small_twin: TwinProcess,
+    small: MachineDescription,
+) -> None:
+    """Every corrector of both planes, RF column: each block within 2e-3 of brute_force_orm."""
+    machine = connect_to(perfect_small_twin, small)
+    result, elapsed = _measure(run_engine, writer, client, machine, rf=machine.rf)
+    data = result.data
+    assert data["matrix"].shape == (32, 48)
+    assert data["valid"].all()
+    assert list(data["corrector_names"]) == list(machine.hcorr.names) + list(machine.vcorr.names)
+    np.testing.assert_allclose(data["kicks"], 40e-6, rtol=1e-3)
+    figures = _check_against_design(result, small, machine, f"small ({elapsed:.1f} s)")
+    assert max(figures.values()) < TOLERANCE, figures
+
+
+@pytest.mark.ebs
+def test_orm_of_the_error_free_ebs_ring_is_pyats(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    perfect_ebs_twin: TwinProcess,
+    ebs: MachineDescription,
+) -> None:
+    """EBS, 12 correctors per plane spread round the ring (every 24th of 288: horizontal
+    HCM001, HCM025, ..., HCM265; vertical VCM013, VCM037, ..., VCM277) and the RF column."""
+    machine = connect_to(perfect_ebs_twin, ebs)
+    select = [machine.hcorr.names[i] for i in range(0, 288, 24)]
+    select += [machine.vcorr.names[i] for i in range(12, 288, 24)]
+    result, elapsed = _measure(run_engine, writer, client, machine, select=select, rf=machine.rf)
+    assert result.data["matrix"].shape == (640, 24)
+    assert list(result.data["corrector_names"]) == select
+    figures = _check_against_design(result, ebs, machine, f"EBS ({elapsed:.1f} s)")
+    assert max(figures.values()) < TOLERANCE, figures
+
+
+def _truth_reference(
+    twin: TwinProcess, description: MachineDescription, names: list[str], tmp_path: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """ORM and RF column of the twin's true lattice as its BPMs read them, in nominal kicks.
+
+    The true lattice's response to a true kick, times each corrector's calibration error (the
+    plan divides by the nominal kick), read through each BPM's gain and roll.
+    """
+    truth = twin.control.export_truth(tmp_path / "truth")
+    reference = reference_orm(
+        truth.ring, description, names, dct=truth.dct_m, bpms=truth.bpm_elements
+    )
+    reference *= np.array([truth.corrector_scale(n) for n in names])
+    rf = model_rf_column(truth.ring, truth.bpm_elements, truth.rf_frequency_hz, RF_STEP)
+    gain, roll = truth["bpm_gain"], truth["bpm_roll_rad"]
+    return as_read_by_bpms(reference, gain, roll), as_read_by_bpms(rf, gain, roll)
+
+
+@pytest.mark.twin(noise=False)
+def test_orm_of_a_machine_with_errors_is_the_true_lattices(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    machine: Machine,
+    fresh_small_twin: TwinProcess,
+    small: MachineDescription,
+    tmp_path: Path,
+) -> None:
+    """Seeded errors (seed 1), no noise: the measured ORM is the true lattice's, read through
+    the BPM gains and rolls and scaled by the corrector calibration errors; not the design's."""
+    result, elapsed = _measure(run_engine, writer, client, machine, rf=machine.rf)
+    data = result.data
+    names, planes = list(data["corrector_names"]), list(data["corrector_planes"])
+    reference, rf_reference = _truth_reference(fresh_small_twin, small, names, tmp_path)
+    figures = block_agreement(data["matrix"], reference, planes)
+    figures["rf"] = orm_relative_difference(data["rf_column"], rf_reference)
+    # the errors matter at this tolerance: the design lattice's ORM is far off
+    design = reference_orm(build_lattice(small), small, names, dct=0.0)
+    design_figures = block_agreement(data["matrix"], design, planes)
+    print(f"\nseeded small ({elapsed:.1f} s): truth {figures}; design {design_figures}")
+    assert max(figures.values()) < TOLERANCE, figures
+    assert min(design_figures[b] for b in ("x/h", "y/v")) > 5 * TOLERANCE, design_figures
+
+
+@pytest.mark.twin(noise=False)
+def test_orm_noise_gives_the_expected_chi_square(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    machine: Machine,
+    fresh_small_twin: TwinProcess,
+    small: MachineDescription,
+    tmp_path: Path,
+) -> None:
+    """With BPM noise on (ErrorModel().bpm_noise_m per reading): chi-square per degree of
+    freedom of the measured matrix against the noise-free one (same machine), using the
+    plan's per-element standard errors, is 1 within statistics (1536 elements)."""
+    noise = ErrorModel().bpm_noise_m
+    quiet, _ = _measure(run_engine, writer, client, machine, bpm_noise=noise)
+    fresh_small_twin.control.set_noise(True)
+    noisy, elapsed = _measure(run_engine, writer, client, machine, bpm_noise=noise)
+    sigma = noisy.data["noise"]
+    np.testing.assert_allclose(sigma, np.sqrt(2) * noise / (2 * 40e-6), rtol=1e-3)
+    chi2 = chi2_per_dof(noisy.data["matrix"], quiet.data["matrix"], sigma)
+    names = list(noisy.data["corrector_names"])
+    truth_reference, _ = _truth_reference(fresh_small_twin, small, names, tmp_path)
+    chi2_truth = chi2_per_dof(noisy.data["matrix"], truth_reference, sigma)
+    print(f"\nnoisy small ({elapsed:.1f} s): chi2/dof {chi2:.3f} (vs truth model {chi2_truth:.3f})")
+    assert 0.8 < chi2 < 1.25
+    assert 0.8 < chi2_truth < 1.25
