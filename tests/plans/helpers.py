@@ -71,11 +71,20 @@ def reference_orm(
     *,
     dct: float,
     bpms: Sequence[int] | None = None,
+    two_sided: bool = False,
 ) -> np.ndarray:
-    """``brute_force_orm`` (one-sided 1e-6 rad) of the correctors ``names`` at path length ``dct``."""
+    """``brute_force_orm`` (1e-6 rad kicks) of the correctors ``names`` at path length ``dct``.
+
+    One-sided by default; ``two_sided`` averages the +1e-6 and -1e-6 rad matrices, which
+    cancels the reference's own second-order error (~5e-6 of the largest element on the small
+    ring, ~5e-4 on EBS in x: see ``accplans.model._orm``).
+    """
     elements, planes = corrector_columns(description, names)
     rows = bpm_elements(description) if bpms is None else list(bpms)
-    return brute_force_orm(ring, rows, elements, planes, dct=dct)
+    plus = brute_force_orm(ring, rows, elements, planes, dct=dct)
+    if not two_sided:
+        return plus
+    return 0.5 * (plus + brute_force_orm(ring, rows, elements, planes, dct=dct, kick=-1e-6))
 
 
 def model_rf_column(

@@ -46,9 +46,12 @@ from ._magnets import (
     SkewQuadrupole,
 )
 from ._monitors import Dcct, Rf, RfFrequency, TuneMonitor
+from ._numpy_printing import summarise_long_arrays
 from ._ophyd_v1 import OphydV1MagnetFamily, OphydV1OrbitSource
 from ._protocols import OrbitFrame, OrbitSource, SettableFamily, call_async
 from ._select import Select, resolve_select
+
+summarise_long_arrays()  # ophyd-async formats every array value it logs: see _numpy_printing
 
 __all__ = [
     "MAGNET_CLASSES",

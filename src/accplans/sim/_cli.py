@@ -57,7 +57,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pva-port", type=int, default=None, help="PVA server TCP port")
     p.add_argument("--pva-broadcast-port", type=int, default=None, help="PVA server UDP port")
     p.add_argument(
-        "--ramp-rate", type=float, default=100.0, help="magnet ramp rate, A/s (0: at once)"
+        "--ramp-rate", type=float, default=1000.0, help="magnet ramp rate, A/s (0: at once)"
     )
     p.add_argument("--tick", choices=("event", "periodic"), default="event", help="model ticks")
     p.add_argument("--period", type=float, default=0.1, help="periodic tick period (s)")

@@ -85,7 +85,7 @@ class IocSettings:
             temporary directory, created on first use).
     """
 
-    ramp_rate: float = 100.0
+    ramp_rate: float = 1000.0
     tick: Literal["event", "periodic"] = "event"
     window: float = 0.002
     period: float = 0.1
@@ -616,9 +616,11 @@ class TwinIoc:
         fam = self._magnet_families[fname]
         values = np.clip(np.asarray(value, dtype=float), fam.low, fam.high)
         clipped = bool(np.any(values != value))
+        # mirror only what changed: a family put usually moves one or two of its members
+        changed = fam.channels[self.sp[fam.channels] != values].tolist()
         versions = self._request(fam.channels, values)
-        self._mirror_sp.update(fam.channels.tolist())
-        for ch in fam.channels.tolist():
+        self._mirror_sp.update(changed)
+        for ch in changed:
             self._mirror_family_sp.update(self._families_of[ch])
         if not clipped:  # its own waveform already holds the values; else write them back
             self._mirror_family_sp.discard(fname)
