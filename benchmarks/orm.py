@@ -4,7 +4,7 @@ Measures, in one run on this machine:
 
 1. ``measure_orm`` of every corrector of both planes (576 correctors, bipolar: 1152 steps) on
    the EBS twin (seeded errors, BPM noise), through a RunEngine writing to a standalone Tiled
-   server with the background writer;
+   server with the writer in its own process (``ProcessTiledWriter``);
 2. the same plan with no Tiled writer subscribed;
 3. the bare device sequence of one step (family put with completion, stamped readbacks, the
    orbit frame taken with them) without the RunEngine, sampling the twin's own tick time;
@@ -36,7 +36,7 @@ from bluesky import RunEngine  # noqa: E402
 from bluesky.run_engine import call_in_bluesky_event_loop  # noqa: E402
 
 from accplans.config import build_lattice, load_description  # noqa: E402
-from accplans.data import BackgroundTiledWriter, load_result, run_tiled_server  # noqa: E402
+from accplans.data import ProcessTiledWriter, load_result, run_tiled_server  # noqa: E402
 from accplans.devices import connect_sync  # noqa: E402
 from accplans.plans import measure_orm  # noqa: E402
 
@@ -109,7 +109,7 @@ def main() -> None:
         engine(plan)
         t_bare = time.perf_counter() - t0
         client = tiled.client()
-        with BackgroundTiledWriter(client) as writer:
+        with ProcessTiledWriter(tiled.uri, tiled.api_key) as writer:
             token = engine.subscribe(writer)
             t0 = time.perf_counter()
             (uid,) = engine(measure_orm(m.bpms, [m.hcorr, m.vcorr], select=select))

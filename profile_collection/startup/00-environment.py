@@ -25,6 +25,10 @@ ACCPLANS_PROTOCOL = os.environ.get("ACCPLANS_PROTOCOL", "ca")
 TILED_URI = os.environ.get("TILED_URI") or None
 TILED_API_KEY = os.environ.get("TILED_API_KEY") or None
 
+if ACCPLANS_MODE not in ("twin", "epics"):
+    raise ValueError(f"ACCPLANS_MODE must be 'twin' or 'epics', got {ACCPLANS_MODE!r}")
+if ACCPLANS_PROTOCOL not in ("ca", "pva"):
+    raise ValueError(f"ACCPLANS_PROTOCOL must be 'ca' or 'pva', got {ACCPLANS_PROTOCOL!r}")
 if ACCPLANS_MODE == "twin":
     for _var in ("EPICS_CA_ADDR_LIST", "EPICS_PVA_ADDR_LIST"):
         os.environ.setdefault(_var, "127.0.0.1")

@@ -1,5 +1,6 @@
+# pyright: reportUndefinedVariable=false
 """The RunEngine ``RE``; with TILED_URI, a Tiled client ``tiled_client`` (alias ``db``) and
-a background writer ``tiled_writer`` subscribed to ``RE``.
+a writer ``tiled_writer`` (in its own process) subscribed to ``RE``.
 
 The RunEngine comes first: it starts the event loop the devices are connected in.
 """
@@ -11,10 +12,10 @@ RE = RunEngine()
 if TILED_URI:
     from tiled.client import from_uri
 
-    from accplans.data import BackgroundTiledWriter
+    from accplans.data import ProcessTiledWriter
 
     tiled_client = from_uri(TILED_URI, api_key=TILED_API_KEY)
-    tiled_writer = BackgroundTiledWriter(tiled_client)
+    tiled_writer = ProcessTiledWriter(TILED_URI, TILED_API_KEY)
     RE.subscribe(tiled_writer)
     print(f"accplans profile: runs are written to Tiled at {TILED_URI}")
 else:

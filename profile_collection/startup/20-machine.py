@@ -1,3 +1,4 @@
+# pyright: reportUndefinedVariable=false
 """The machine, connected, and its families as top-level names (the queueserver passes
 devices by these names): ``bpms``, ``hcorr``, ``vcorr``, ``quadrupoles``, ``sextupoles``,
 ``skew``, ``rf``, ``dcct``, ``tune`` (``None`` where the machine has none).
@@ -19,8 +20,7 @@ quadrupoles = getattr(machine, "quadrupoles", None)
 sextupoles = getattr(machine, "sextupoles", None)
 skew, rf, dcct, tune = machine.skew, machine.rf, machine.dcct, machine.tune
 
-# The queueserver lists top-level devices only: subsets go through the plans' select=.
-for _name in ("machine", "bpms", "hcorr", "vcorr", "quadrupoles", "sextupoles", "skew", "rf"):
-    register_device(_name, depth=1)
-for _name in ("dcct", "tune"):
+# The queueserver lists these devices without their members: subsets go through select=.
+_top_level = ("machine", "bpms", "hcorr", "vcorr", "quadrupoles", "sextupoles", "skew")
+for _name in (*_top_level, "rf", "dcct", "tune"):
     register_device(_name, depth=1)

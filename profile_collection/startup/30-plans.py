@@ -8,7 +8,9 @@ device names into devices. Each wrapper has the plan's evaluated signature, and 
 parameters take the names of the namespace's devices that implement the protocol.
 """
 
+import functools
 import inspect
+import re
 import typing
 
 from bluesky_queueserver import parameter_annotation_decorator
@@ -21,17 +23,37 @@ _sources = [n for n, d in _devices_here.items() if isinstance(d, OrbitSource)]
 _settable = [n for n, d in _devices_here.items() if isinstance(d, SettableFamily)]
 
 
-def _for_queueserver(plan, **annotations):
-    hints = typing.get_type_hints(plan)
-    signature = inspect.signature(plan)
-    params = [p.replace(annotation=hints.get(p.name, p.empty)) for p in signature.parameters.values()]
+def _arg_descriptions(doc):
+    """``{argument: text}`` from the ``Args:`` section of a Google-style docstring."""
+    lines, found, name = inspect.cleandoc(doc or "").splitlines(), {}, None
+    for line in lines[lines.index("Args:") + 1 :] if "Args:" in lines else []:
+        if line and not line.startswith(" "):
+            break  # the next section
+        if match := re.match(r"    (\w+)(?: \(.*\))?: (.*)", line):
+            name, found[match[1]] = match[1], match[2]
+        elif name and line.strip():
+            found[name] += " " + line.strip()
+    return found
 
+
+def _for_queueserver(plan, **devices):
+    """``plan`` with evaluated annotations, device lists and the docstring's texts."""
+    signature, hints = inspect.signature(plan), typing.get_type_hints(plan)
+    params = [
+        p.replace(annotation=hints.get(p.name, p.empty)) for p in signature.parameters.values()
+    ]
+    texts = _arg_descriptions(plan.__doc__)
+    annotations = {n: dict(devices.get(n, {})) for n in signature.parameters}
+    for n in annotations.keys() & texts.keys():
+        annotations[n]["description"] = texts[n]
+
+    @functools.wraps(plan)
     def wrapper(*args, **kwargs):
         return (yield from plan(*args, **kwargs))
 
-    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = plan.__name__, plan.__name__, plan.__doc__
-    wrapper.__module__, wrapper.__signature__ = plan.__module__, signature.replace(parameters=params)
-    return parameter_annotation_decorator({"parameters": annotations})(wrapper)
+    wrapper.__signature__ = signature.replace(parameters=params)  # pyright: ignore[reportAttributeAccessIssue]
+    description = {"description": inspect.cleandoc(plan.__doc__ or plan.__name__)}
+    return parameter_annotation_decorator({**description, "parameters": annotations})(wrapper)
 
 
 def _devices(type_: str, **lists):

@@ -1,8 +1,9 @@
 """The profile (``profile_collection/startup``) in IPython, in qserver-list-plans-devices and in
 the queueserver, on the small ring's twin with a Tiled server.
 
-Every process these tests start (Tiled, IPython, the RE manager and its worker, Redis when the
-machine has none on 127.0.0.1:6379) listens on 127.0.0.1 only and is stopped when its test ends.
+Every process these tests start listens on 127.0.0.1 only and is stopped however its test ends:
+IPython and the RE manager (with its worker) by their test, Tiled and Redis (started only when
+the machine has none on 127.0.0.1:6379) at the end of the module.
 
 ``ACCPLANS_UPDATE_PROFILE=1 pytest tests/profile -k existing`` rewrites the committed
 ``existing_plans_and_devices.yaml`` from the startup files (after a change of a plan's
@@ -85,8 +86,9 @@ def _expected_orm(twin: TwinProcess, names: list[str], directory: Path) -> np.nd
     description = load_description("small")
     elements = [description.device(n).elements[0] for n in names]
     planes = [description.device(n).plane or "" for n in names]
-    true = brute_force_orm(truth.ring, truth.bpm_elements, elements, planes, dct=truth.dct_m)
-    nbpm = len(truth.bpm_elements)
+    bpms = [int(i) for i in truth.bpm_elements]
+    true = brute_force_orm(truth.ring, bpms, elements, planes, dct=truth.dct_m)
+    nbpm = len(bpms)
     expected = np.empty_like(true)
     for j, name in enumerate(names):
         beam = np.stack([true[:nbpm, j], true[nbpm:, j]], axis=1)
@@ -144,7 +146,7 @@ def _redis_answers(port: int) -> bool:
     client = redis.Redis(host=_HOST, port=port, socket_connect_timeout=1, socket_timeout=1)
     try:
         return bool(client.ping())
-    except redis.exceptions.ConnectionError:
+    except redis.ConnectionError:
         return False
     finally:
         client.close()
@@ -240,9 +242,9 @@ def _re_manager(env: dict[str, str], redis_port: int, directory: Path) -> Iterat
             try:
                 api.status(reload=True)
                 break
-            except Exception:
+            except Exception as exc:  # no answer yet (each try waits timeout_recv)
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"start-re-manager did not answer in 60 s: {log_path}")
+                    raise TimeoutError(f"start-re-manager silent for 60 s: {log_path}") from exc
         yield api
     finally:
         with suppress(Exception):
@@ -276,9 +278,9 @@ def _re_manager(env: dict[str, str], redis_port: int, directory: Path) -> Iterat
 # -- tests ----------------------------------------------------------------------------------------
 def test_existing_plans_and_devices_is_current(small_twin: TwinProcess, tmp_path: Path) -> None:
     """qserver-list-plans-devices on the profile gives the committed file (it connects)."""
+    command = [str(BIN / "qserver-list-plans-devices"), "--startup-dir", str(STARTUP)]
     proc = subprocess.run(
-        [str(BIN / "qserver-list-plans-devices"), "--startup-dir", str(STARTUP)]
-        + ["--file-dir", str(tmp_path)],
+        [*command, "--file-dir", str(tmp_path)],
         env=_profile_environment(small_twin, None),
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -326,9 +328,9 @@ def test_ipython_profile_measures_orm_into_tiled(
         "tiled_writer.flush(60)\n"
         "print('RESULT ' + json.dumps({'uid': uid, 'bpms': bpms is machine.bpms}))\n"
     )
+    command = [str(BIN / "ipython"), f"--profile-dir={profile}", "--no-banner", "--colors=nocolor"]
     proc = subprocess.run(
-        [str(BIN / "ipython"), f"--profile-dir={profile}", "--no-banner", "--colors=nocolor"]
-        + ["--HistoryManager.enabled=False", "-c", code],
+        [*command, "--HistoryManager.enabled=False", "-c", code],
         env=_profile_environment(twin, tiled),
         stdin=subprocess.DEVNULL,
         capture_output=True,

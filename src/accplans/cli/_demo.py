@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from bluesky import RunEngine
@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from accplans.config import MachineDescription, load_description
-from accplans.data import BackgroundTiledWriter, load_result, run_tiled_server
+from accplans.data import ProcessTiledWriter, load_result, run_tiled_server
 from accplans.devices import Machine, connect_sync
 from accplans.model import OnlineModel
 from accplans.physics import orm_relative_difference
@@ -107,7 +107,7 @@ def run_demo(
         console.print(f"  Tiled {tiled.uri} (pid {tiled.pid}), twin {twin.prefix} (pid {twin.pid})")
         client = tiled.client()
         engine = stack.enter_context(_running_run_engine())
-        writer = stack.enter_context(BackgroundTiledWriter(client))
+        writer = stack.enter_context(ProcessTiledWriter(tiled.uri, tiled.api_key))
         engine.subscribe(writer)
         progress = stack.enter_context(
             Progress(
@@ -120,10 +120,12 @@ def run_demo(
         )
         engine.subscribe(ProgressCallback(progress))
         m = connect_sync(description, address=f"127.0.0.1:{ports.ca}")
-        (orbit_uid,) = engine(measure_orbit(m.bpms, n_samples=10))
+        (orbit_uid,) = cast(tuple[str], engine(measure_orbit(m.bpms, n_samples=10)))
         select = _first_per_plane(m, correctors)
         t0 = time.perf_counter()
-        (orm_uid,) = engine(measure_orm(m.bpms, [m.hcorr, m.vcorr], select=select, rf=m.rf))
+        (orm_uid,) = cast(
+            tuple[str], engine(measure_orm(m.bpms, [m.hcorr, m.vcorr], select=select, rf=m.rf))
+        )
         t_orm = time.perf_counter() - t0
         progress.stop()
         writer.flush(timeout=120)

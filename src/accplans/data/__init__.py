@@ -4,7 +4,8 @@
   (standalone) serve a Tiled catalog on 127.0.0.1 that needs an API key to write.
 - :class:`BackgroundTiledWriter` is the RunEngine callback: it only enqueues documents; a thread
   writes them to Tiled in batches of whatever has queued, so the plan never waits and data stay
-  live.
+  live. :class:`ProcessTiledWriter` runs it in a child process, so its work does not compete
+  with the RunEngine for the GIL (the default of the demo and the profile).
 - :func:`run_metadata` builds the standard start-document metadata of every run.
 - Results (ORM, orbit, ...) follow versioned schemas (:data:`RESULT_KINDS`), are recorded in the
   run with :class:`ResultReadable` / :func:`record_result` and load back with
@@ -40,6 +41,7 @@ from ._server import (
     serve_tiled,
 )
 from ._writer import BackgroundTiledWriter, TiledWriteError, WriteFailure
+from ._writer_process import ProcessTiledWriter
 
 __all__ = [
     "API_KEY_FILENAME",
@@ -50,6 +52,7 @@ __all__ = [
     "BackgroundTiledWriter",
     "FieldSpec",
     "LocalTiled",
+    "ProcessTiledWriter",
     "Result",
     "ResultError",
     "ResultReadable",

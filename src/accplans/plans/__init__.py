@@ -2,6 +2,7 @@
 
 from ._safety import (
     PendingRestore,
+    PendingRestoreError,
     Snapshot,
     check_hardware_limits,
     journal_dir,
@@ -17,6 +18,7 @@ from .restore import restore_setpoints
 __all__ = [
     "BeamLost",
     "PendingRestore",
+    "PendingRestoreError",
     "Snapshot",
     "check_hardware_limits",
     "compute",

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import bluesky.preprocessors as bpp
 import numpy as np
-from bluesky.utils import MsgGenerator, RequestStop
+from bluesky.utils import MsgGenerator, RequestStop, RunEngineControlException
 
 from accplans.config import MachineDescription
 from accplans.devices import SettableFamily, call_async
@@ -28,6 +28,7 @@ from ._stubs import set_family_hardware
 
 __all__ = [
     "PendingRestore",
+    "PendingRestoreError",
     "description_of",
     "Snapshot",
     "check_hardware_limits",
@@ -99,6 +100,21 @@ class PendingRestore:
         return cls(snapshot, reason, path)
 
 
+class PendingRestoreError(RuntimeError):
+    """A plan could not restore the machine: a pending restore was journaled.
+
+    Raised from the plan's own error (its ``__cause__``), if any.
+
+    Attributes:
+        pending: the journaled :class:`PendingRestore` (``pending.path`` is the file to give
+            :func:`~accplans.plans.restore_setpoints`).
+    """
+
+    def __init__(self, message: str, pending: PendingRestore) -> None:
+        super().__init__(message)
+        self.pending = pending
+
+
 def take_snapshot(
     description: MachineDescription, families: Sequence[SettableFamily]
 ) -> MsgGenerator[Snapshot]:
@@ -159,7 +175,9 @@ def restore_on_exit(
       (``RE.stop()``); restore on failure and abort.
 
     If the restore itself fails (the machine cannot be reached), a pending restore is journaled
-    (:func:`journal_dir`) and the plan's own error is raised with a note saying where.
+    (:func:`journal_dir`) and :class:`PendingRestoreError` is raised (from the plan's error, if
+    any) saying where; after an abort or a stop, the RunEngine's own exception is kept, with a
+    note saying where.
     """
     outcome: dict[str, Any] = {"error": None}
 
@@ -180,9 +198,17 @@ def restore_on_exit(
                 reason += f" after the plan ended with {type(exc).__name__}: {exc}"
             pending = PendingRestore.write(snapshot, reason)
             logger.error("%s; pending restore journaled at %s", reason, pending.path)
-            if exc is not None:
+            if isinstance(exc, RunEngineControlException):
+                # the RunEngine needs its own abort/stop back; it passes these on unchanged
                 exc.add_note(f"accplans: {reason}; pending restore journaled at {pending.path}")
                 return
-            raise RuntimeError(f"{reason}; pending restore journaled at {pending.path}") from None
+            # a new exception, not a note on the plan's error: the RunEngine hands errors to the
+            # caller through a concurrent future, which replaces a TimeoutError (the usual error
+            # of an unreachable machine) by a new instance and so drops its notes
+            raise PendingRestoreError(
+                f"{reason}; pending restore journaled at {pending.path}: apply it with "
+                f"restore_setpoints(families, {str(pending.path)!r})",
+                pending,
+            ) from exc
 
     return (yield from bpp.contingency_wrapper(plan, except_plan=on_error, final_plan=final))

@@ -195,6 +195,7 @@ def measure_orm(
                     yield from set_family_hardware(fam, current[fam.name])
             rf_column = np.full(2 * nrow, np.nan)
             if rf is not None:
+                assert step is not None  # chosen before the run opened
                 rf_column = yield from _rf_column(
                     records, rf, start[rf.name], step, bpms, rows, settle, timeout
                 )

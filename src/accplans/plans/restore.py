@@ -85,13 +85,26 @@ def restore_setpoints(
     def plan() -> MsgGenerator[str]:
         before = yield from take_snapshot(description, chosen)
 
+        # one record per family, all read in every event (bluesky wants the same objects in
+        # every event of a stream): each event holds every family's setpoints after that step
+        records = {
+            fam.name: Record(
+                fam.name,
+                {"setpoint": np.array([before.setpoints[fam.name][n] for n in fam.names])},
+                {"setpoint": description.device(fam.names[0]).unit},
+            )
+            for fam in chosen
+        }
+
         @bpp.run_decorator(md=_md)
         def apply() -> MsgGenerator[None]:
             for fam in chosen:
                 yield from bps.checkpoint()
                 yield from set_family_hardware(fam, targets[fam.name])
+                records[fam.name].update(setpoint=targets[fam.name])
                 yield from bps.create("primary")
-                yield from bps.read(Record(fam.name, {"setpoint": targets[fam.name]}))
+                for record in records.values():
+                    yield from bps.read(record)
                 yield from bps.save()
 
         uid = yield from restore_on_exit(apply(), chosen, before, policy="correction")

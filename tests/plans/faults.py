@@ -1,0 +1,224 @@
+"""The registry of plans that change the machine, and the faults the tests inject into them.
+
+Every plan that changes the machine joins the fault tests (tests/plans/test_faults.py) with
+one entry here: a factory that builds the plan on a connected small-ring
+:class:`~accplans.devices.Machine` and says which families it moves, and where faults strike::
+
+    @register("correct_orbit", fault_after_sets=(2,), fault_after_events=1, reads_orbit=True)
+    def _correct_orbit(machine: Machine) -> Built:
+        families = [machine.hcorr, machine.vcorr]
+        return correct_orbit(machine.bpms, families, ...), families
+
+The tests then run it under every fault and check that every setpoint comes back exactly,
+that the run in Tiled holds the events taken before the fault and says why it ended, and,
+when the machine cannot be reached, that a pending restore is journaled and applies.
+
+Faults:
+
+- ``exception``: the plan fails right after its N-th set (:func:`fail_after_sets`, a plan
+  preprocessor throwing :class:`InjectedFault` into the plan where it stands).
+- ``abort``: the RunEngine is paused right after the N-th set (:func:`pause_after_sets`) and
+  the test calls ``RE.abort()`` (in bluesky 1.15, ``abort`` acts on a paused RunEngine, and
+  ``request_pause`` cannot be called from the RunEngine's own thread, where document callbacks
+  run: a ``pause`` message is the reliable way to pause at a known point).
+- ``beam_lost``: the twin dumps its beam after the N-th event (:class:`AfterEvents` calling
+  ``twin.control.kill_beam()``); the plan's next orbit read raises ``BeamLost``.
+- ``twin_killed``: the twin's process is killed after the N-th event; nothing can be restored.
+
+A "set" is the step a plan takes after a checkpoint: STYLE.md's step is ``checkpoint -> set ->
+wait for fresh data -> read``, so the first message after the N-th checkpoint is the N-th set,
+and a fault "after the N-th set" strikes at the message that follows it (the set completed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import bluesky.preprocessors as bpp
+import numpy as np
+from bluesky.utils import Msg, MsgGenerator
+
+from accplans.config import MachineDescription
+from accplans.devices import Machine, SettableFamily
+from accplans.plans import measure_orm, restore_setpoints, take_snapshot
+from accplans.sim import TwinProcess
+
+Built = tuple[MsgGenerator[Any], list[SettableFamily]]
+
+
+@dataclass(frozen=True)
+class MachinePlan:
+    """A plan that changes the machine, as the fault tests run it.
+
+    Attributes:
+        name: the plan's name (the test ids).
+        build: ``machine -> (plan, families it moves)``.
+        fault_after_sets: the sets after which ``exception`` and ``abort`` strike (one test
+            each); at least one event must have been recorded before each.
+        fault_after_events: the events after which ``beam_lost`` and ``twin_killed`` strike.
+        reads_orbit: whether the plan reads BPMs (a lost beam stops it); ``beam_lost`` is not
+            run on plans that do not.
+    """
+
+    name: str
+    build: Callable[[Machine], Built]
+    fault_after_sets: tuple[int, ...]
+    fault_after_events: int
+    reads_orbit: bool
+
+
+MACHINE_PLANS: dict[str, MachinePlan] = {}
+
+
+def register(
+    name: str, *, fault_after_sets: tuple[int, ...], fault_after_events: int, reads_orbit: bool
+) -> Callable[[Callable[[Machine], Built]], Callable[[Machine], Built]]:
+    """Add a plan factory to :data:`MACHINE_PLANS` (a decorator)."""
+
+    def add(build: Callable[[Machine], Built]) -> Callable[[Machine], Built]:
+        if name in MACHINE_PLANS:
+            raise ValueError(f"plan {name!r} is registered twice")
+        MACHINE_PLANS[name] = MachinePlan(
+            name, build, fault_after_sets, fault_after_events, reads_orbit
+        )
+        return build
+
+    return add
+
+
+# -- the registry ---------------------------------------------------------------------------
+#: measure_orm's columns in the fault tests: sets 1-4 move HCM002/HCM006 (+-), 5-8 VCM003/VCM007,
+#: 9-10 the RF frequency (+-); one event per set.
+ORM_SELECT = ["HCM002", "HCM006", "VCM003", "VCM007"]
+
+
+@register("measure_orm", fault_after_sets=(3, 9), fault_after_events=3, reads_orbit=True)
+def _measure_orm(machine: Machine) -> Built:
+    assert machine.rf is not None
+    families: list[SettableFamily] = [machine.hcorr, machine.vcorr, machine.rf]
+    plan = measure_orm(
+        machine.bpms, [machine.hcorr, machine.vcorr], select=ORM_SELECT, rf=machine.rf, timeout=5
+    )
+    return plan, families
+
+
+#: Current (A) restore_setpoints' test snapshot adds to every corrector.
+RESTORE_SHIFT = 0.25
+
+
+@register("restore_setpoints", fault_after_sets=(2,), fault_after_events=1, reads_orbit=False)
+def _restore_setpoints(machine: Machine) -> Built:
+    """Restore a snapshot of the present correctors shifted by RESTORE_SHIFT (one set per
+    family: hcorr, then vcorr)."""
+    families: list[SettableFamily] = [machine.hcorr, machine.vcorr]
+
+    def plan() -> MsgGenerator[str]:
+        snapshot = yield from take_snapshot(machine.description, families)
+        for values in snapshot.setpoints.values():
+            for name in values:
+                values[name] += RESTORE_SHIFT
+        return (yield from restore_setpoints(families, snapshot))
+
+    return plan(), families
+
+
+# -- faults ---------------------------------------------------------------------------------
+class InjectedFault(RuntimeError):
+    """The failure :func:`fail_after_sets` throws into a plan."""
+
+
+Observer = Callable[[], None] | None
+
+
+def _after_sets(
+    plan: MsgGenerator[Any], n: int, strike: Callable[[Msg], Generator[Msg, Any, Any]]
+) -> MsgGenerator[Any]:
+    """Replace the message after the ``n``-th set by ``strike(message)`` (module docstring)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    state = {"checkpoints": 0, "after": -1}
+
+    def proc(msg: Msg) -> tuple[Generator[Msg, Any, Any] | None, None]:
+        if state["after"] >= 0:
+            state["after"] += 1
+            if state["after"] == 2:  # the message after the set
+                state["after"] = -2  # strike once
+                return strike(msg), None
+            return None, None
+        if msg.command == "checkpoint" and state["after"] == -1:
+            state["checkpoints"] += 1
+            if state["checkpoints"] == n:
+                state["after"] = 0
+        return None, None
+
+    return (yield from bpp.plan_mutator(plan, proc))
+
+
+def fail_after_sets(plan: MsgGenerator[Any], n: int, observe: Observer = None) -> MsgGenerator[Any]:
+    """``plan``, failing with :class:`InjectedFault` right after its ``n``-th set.
+
+    ``observe()`` is called (in the RunEngine's thread) just before the fault.
+    """
+
+    def fail(msg: Msg) -> Generator[Msg, Any, Any]:
+        if observe is not None:
+            observe()
+        raise InjectedFault(f"injected fault after set {n} (before {msg.command!r})")
+        yield  # a generator  # pyright: ignore[reportUnreachable]
+
+    return _after_sets(plan, n, fail)
+
+
+def pause_after_sets(plan: MsgGenerator[Any], n: int, observe: Observer = None) -> MsgGenerator[Any]:
+    """``plan``, pausing the RunEngine (not deferred) right after its ``n``-th set.
+
+    ``observe()`` is called (in the RunEngine's thread) just before the pause.
+    """
+
+    def pause(msg: Msg) -> Generator[Msg, Any, Any]:
+        if observe is not None:
+            observe()
+        yield Msg("pause", defer=False)
+        return (yield msg)
+
+    return _after_sets(plan, n, pause)
+
+
+class AfterEvents:
+    """A RunEngine callback that calls ``action()`` once, after the ``n``-th primary event.
+
+    It runs in the RunEngine's thread, between the event's ``save`` and the plan's next
+    message, so the plan's next step sees what ``action`` did.
+    """
+
+    def __init__(self, n: int, action: Callable[[], None]) -> None:
+        self.n = n
+        self.action = action
+        self.events = 0
+        self.fired = False
+        self.start_uids: list[str] = []
+        self._primary: set[str] = set()
+
+    def __call__(self, name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            self.start_uids.append(doc["uid"])
+        elif name == "descriptor" and doc.get("name") == "primary":
+            self._primary.add(doc["uid"])
+        elif name == "event" and doc["descriptor"] in self._primary:
+            self.events += 1
+            if self.events == self.n and not self.fired:
+                self.fired = True
+                self.action()
+
+
+def twin_setpoints(twin: TwinProcess, description: MachineDescription) -> dict[str, np.ndarray]:
+    """Corrector and RF setpoints (A, Hz) as the twin serves them, through its own control
+    client (callable from any thread, the RunEngine's included)."""
+    pvs = {
+        "hcorr": description.families["hcorr"].pvs["setpoint"],
+        "vcorr": description.families["vcorr"].pvs["setpoint"],
+        "RF": description.device("RF").pvs["frequency_setpoint"],
+    }
+    return {k: np.atleast_1d(np.asarray(twin.control.get(pv), float)) for k, pv in pvs.items()}
