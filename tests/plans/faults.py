@@ -171,16 +171,20 @@ def fail_after_sets(plan: MsgGenerator[Any], n: int, observe: Observer = None) -
     return _after_sets(plan, n, fail)
 
 
-def pause_after_sets(plan: MsgGenerator[Any], n: int, observe: Observer = None) -> MsgGenerator[Any]:
-    """``plan``, pausing the RunEngine (not deferred) right after its ``n``-th set.
+def pause_after_sets(
+    plan: MsgGenerator[Any], n: int, observe: Observer = None, *, defer: bool = False
+) -> MsgGenerator[Any]:
+    """``plan``, pausing the RunEngine right after its ``n``-th set.
 
-    ``observe()`` is called (in the RunEngine's thread) just before the pause.
+    With ``defer``, the RunEngine pauses at the plan's next checkpoint instead (the end of the
+    step, as after one Ctrl-C). ``observe()`` is called (in the RunEngine's thread) just before
+    the pause is requested.
     """
 
     def pause(msg: Msg) -> Generator[Msg, Any, Any]:
         if observe is not None:
             observe()
-        yield Msg("pause", defer=False)
+        yield Msg("pause", defer=defer)
         return (yield msg)
 
     return _after_sets(plan, n, pause)

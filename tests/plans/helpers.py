@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import aioca
 import at
 import numpy as np
 from bluesky.run_engine import call_in_bluesky_event_loop
 
-from accplans.config import MachineDescription
+from accplans.config import MachineDescription, dump_description
 from accplans.data import BackgroundTiledWriter, open_run
 from accplans.devices import Machine, SettableFamily, connect_sync
 from accplans.model import brute_force_orm, dct_for_frequency
@@ -19,9 +21,52 @@ from accplans.sim import TwinProcess, bpm_readings
 BLOCKS = ("x/h", "y/h", "x/v", "y/v")  # rows / corrector plane
 
 
+def renamed_description(description: MachineDescription, tag: str, directory: Path) -> Path:
+    """``description`` under prefix ``<PREFIX><tag>:`` and id ``<id>-<tag>``, as a YAML file.
+
+    A test's own twin must not serve the PV names of the session's twins (tests/conftest.py):
+    the client's search goes to every port of the pool, and a name served twice connects to
+    whichever twin answers first (both serve the same ``MACHINE:ID``).
+    """
+    old = description.machine.prefix
+    new = f"{old[:-1]}{tag}:"
+
+    def rename(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(old):
+            return new + value[len(old) :]
+        if isinstance(value, dict):
+            return {k: rename(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [rename(v) for v in value]
+        return value
+
+    data = rename(description.model_dump(mode="json"))
+    data["machine"].update(
+        prefix=new, id=f"{description.machine.id}-{tag.lower()}", name=f"{data['machine']['name']}{tag}"
+    )
+    path = directory / f"{data['machine']['name']}.yaml"
+    dump_description(MachineDescription.model_validate(data), path)
+    return path
+
+
 def connect_to(twin: TwinProcess, description: MachineDescription) -> Machine:
     """Connect ``description`` to ``twin`` in the current RunEngine's loop (create it first)."""
     return connect_sync(description, address=f"127.0.0.1:{twin.ports.ca}", timeout=10)
+
+
+async def _purge_ca_channels() -> None:
+    aioca.purge_channel_caches()
+
+
+def drop_ca_channels() -> None:
+    """Close every CA channel of this process (in the RunEngine's loop).
+
+    Before a test's own twin stops: its channels' disconnect callbacks would otherwise reach
+    the RunEngine's loop after the test closed it (an unraisable error). Before connecting to
+    a restarted twin: the old, disconnected channels are cached and searched for with a
+    backed-off period (no CA repeater on loopback forwards the new server's beacons).
+    """
+    call_in_bluesky_event_loop(_purge_ca_channels())
 
 
 def hardware_setpoints(families: Sequence[SettableFamily]) -> dict[str, np.ndarray]:

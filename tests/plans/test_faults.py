@@ -15,14 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aioca
 import numpy as np
 import pytest
 from bluesky import RunEngine
-from bluesky.run_engine import call_in_bluesky_event_loop
 from bluesky.utils import RunEngineInterrupted
 
-from accplans.config import MachineDescription
+from accplans.config import load_description
 from accplans.data import BackgroundTiledWriter
 from accplans.devices import Machine, SettableFamily, call_async
 from accplans.plans import BeamLost, PendingRestore, PendingRestoreError, restore_setpoints
@@ -39,9 +37,11 @@ from tests.plans.faults import (
 from tests.plans.helpers import (
     assert_same_setpoints,
     connect_to,
+    drop_ca_channels,
     hardware_setpoints,
     machine_setpoints,
     primary_events,
+    renamed_description,
     written_run,
 )
 
@@ -145,10 +145,6 @@ def _set_hardware(families: list[SettableFamily], values: dict[str, np.ndarray])
         yield from call_async(family.set_hardware, values[family.name])
 
 
-async def _purge_ca_channels() -> None:
-    aioca.purge_channel_caches()
-
-
 @pytest.mark.parametrize("entry", list(MACHINE_PLANS.values()), ids=lambda e: e.name)
 def test_a_twin_killed_mid_plan_leaves_a_pending_restore_that_applies_later(
     entry: MachinePlan,
@@ -156,14 +152,17 @@ def test_a_twin_killed_mid_plan_leaves_a_pending_restore_that_applies_later(
     writer: BackgroundTiledWriter,
     client: Any,
     twin_ports: TwinPorts,
-    small: MachineDescription,
     journal: Path,
+    tmp_path: Path,
 ) -> None:
     """The twin's process is killed after the N-th event: the plan fails, its restore cannot
     reach the machine and journals the starting setpoints; a new twin on the same ports starts
-    at design setpoints, and ``restore_setpoints(families, path)`` sets the journaled ones."""
+    at design setpoints, and ``restore_setpoints(families, path)`` sets the journaled ones.
+    (The twin serves the small ring under its own prefix, not the session twin's.)"""
     recorder: AfterEvents | None = None
-    with run_twin("small", errors=False, noise=False, ports=twin_ports) as twin:
+    yaml = renamed_description(load_description("small"), "K", tmp_path)
+    small = load_description(yaml)
+    with run_twin(yaml, errors=False, noise=False, ports=twin_ports) as twin:
         machine = connect_to(twin, small)
         # start away from the design setpoints, so that the new twin's differ from them
         moved = _families(machine, ["hcorr", "vcorr", "RF"])
@@ -204,11 +203,8 @@ def test_a_twin_killed_mid_plan_leaves_a_pending_restore_that_applies_later(
     assert run.metadata["stop"]["exit_status"] == "fail"
     assert primary_events(run) == entry.fault_after_events
 
-    # the old machine's CA channels are cached, disconnected, and searched for with a
-    # backed-off period (no CA repeater on loopback forwards the new server's beacons): drop
-    # them so that the new connection searches at once
-    call_in_bluesky_event_loop(_purge_ca_channels())
-    with run_twin("small", errors=False, noise=False, ports=twin_ports) as twin:
+    drop_ca_channels()  # the dead twin's channels (see its docstring)
+    with run_twin(yaml, errors=False, noise=False, ports=twin_ports) as twin:
         machine = connect_to(twin, small)
         restored = _families(machine, pending.snapshot.setpoints)
         fresh = hardware_setpoints(restored)
@@ -216,4 +212,5 @@ def test_a_twin_killed_mid_plan_leaves_a_pending_restore_that_applies_later(
         result = run_engine(restore_setpoints(restored, path))
         assert result.exit_status == "success"
         assert_same_setpoints(hardware_setpoints(restored), {f.name: before[f.name] for f in restored})
+        drop_ca_channels()
     assert not path.exists() and (path.parent / "applied" / path.name).exists()

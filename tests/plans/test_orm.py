@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 from bluesky import RunEngine
 
-from accplans.config import MachineDescription, build_lattice
+from accplans.config import MachineDescription, build_lattice, load_description
 from accplans.data import BackgroundTiledWriter, load_result
 from accplans.devices import Machine
 from accplans.model import dct_for_frequency
@@ -29,28 +31,58 @@ from tests.plans.helpers import (
     block_agreement,
     bpm_elements,
     connect_to,
+    drop_ca_channels,
     machine_setpoints,
     model_rf_column,
     reference_orm,
+    renamed_description,
     written_run,
 )
 
 TOLERANCE = 2e-3  # per block, relative to the block's largest element
-RF_STEP = 20.0  # Hz, measure_orm's default
+
+
+@contextmanager
+def _perfect_twin(
+    machine: str, ports: TwinPorts, directory: Path
+) -> Iterator[tuple[TwinProcess, MachineDescription]]:
+    """A twin of ``machine`` with no errors and no noise, under its own PV prefix (connect to it
+    in the test's RunEngine loop, which must outlive it)."""
+    path = renamed_description(load_description(machine), "P", directory)
+    with run_twin(path, errors=False, noise=False, ports=ports) as twin:
+        yield twin, load_description(path)
+        drop_ca_channels()
 
 
 @pytest.fixture
-def perfect_small_twin(twin_ports: TwinPorts) -> Iterator[TwinProcess]:
-    """The small ring with no errors and no noise (its own process, on a port trio of the pool)."""
-    with run_twin("small", errors=False, noise=False, ports=twin_ports) as twin:
+def perfect_small(
+    run_engine: RunEngine, twin_ports: TwinPorts, tmp_path: Path
+) -> Iterator[tuple[TwinProcess, MachineDescription]]:
+    """The small ring with no errors and no noise (its own process and prefix)."""
+    with _perfect_twin("small", twin_ports, tmp_path) as twin:
         yield twin
 
 
 @pytest.fixture
-def perfect_ebs_twin(twin_ports: TwinPorts) -> Iterator[TwinProcess]:
-    """The EBS-size ring with no errors and no noise."""
-    with run_twin("ebs", errors=False, noise=False, ports=twin_ports) as twin:
+def perfect_ebs(
+    run_engine: RunEngine, twin_ports: TwinPorts, tmp_path: Path
+) -> Iterator[tuple[TwinProcess, MachineDescription]]:
+    """The EBS-size ring with no errors and no noise (its own process and prefix)."""
+    with _perfect_twin("ebs", twin_ports, tmp_path) as twin:
         yield twin
+
+
+@dataclass
+class Measured:
+    """A measure_orm run: its result, the RF step it took (Hz, NaN without RF), its time (s)."""
+
+    result: Any
+    rf_step: float
+    seconds: float
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.result.data
 
 
 def _measure(
@@ -59,8 +91,8 @@ def _measure(
     client: Any,
     machine: Machine,
     **kwargs: Any,
-) -> tuple[Any, float]:
-    """Run measure_orm (both families, RF column) and load its result; return it and the time."""
+) -> Measured:
+    """Run measure_orm on both families, check it restored everything, load its result."""
     before = machine_setpoints(machine)
     t0 = time.perf_counter()
     result = run_engine(measure_orm(machine.bpms, [machine.hcorr, machine.vcorr], **kwargs))
@@ -68,25 +100,30 @@ def _measure(
     assert result.exit_status == "success"
     assert_same_setpoints(machine_setpoints(machine), before)
     (uid,) = result.run_start_uids
-    written_run(client, writer, uid)
-    return load_result(client, uid, "orm"), elapsed
+    steps = written_run(client, writer, uid)["primary"].read()
+    rf_rows = np.asarray(steps["step-corrector"]) == "RF"
+    rf_step = float(np.max(np.asarray(steps["step-kick"])[rf_rows])) if rf_rows.any() else np.nan
+    return Measured(load_result(client, uid, "orm"), rf_step, elapsed)
 
 
 def _check_against_design(
-    result: Any, description: MachineDescription, machine: Machine, label: str
+    measured: Measured, description: MachineDescription, machine: Machine, label: str
 ) -> dict[str, float]:
     """Blocks and RF column of ``result`` against the description's lattice (the twin has no
     errors): brute_force_orm at the served frequency, RF column by finite difference."""
-    data = result.data
+    data = measured.data
     names, planes = list(data["corrector_names"]), list(data["corrector_planes"])
     ring = build_lattice(description)
     (f_served,) = machine_setpoints(machine)["RF"]
     dct = dct_for_frequency(ring, f_served)
     reference = reference_orm(ring, description, names, dct=dct)
     figures = block_agreement(data["matrix"], reference, planes)
-    rf_model = model_rf_column(ring, bpm_elements(description), f_served, RF_STEP)
+    rf_model = model_rf_column(ring, bpm_elements(description), f_served, measured.rf_step)
     figures["rf"] = orm_relative_difference(data["rf_column"], rf_model)
-    print(f"\n{label}: dct {dct:.3g} m at {f_served:.1f} Hz; agreement {figures}")
+    print(
+        f"\n{label} ({measured.seconds:.1f} s): dct {dct:.3g} m at {f_served:.1f} Hz, "
+        f"RF step {measured.rf_step:.4g} Hz; agreement {figures}"
+    )
     return figures
 
 
@@ -94,18 +131,18 @@ def test_orm_of_the_error_free_small_ring_is_pyats(
     run_engine: RunEngine,
     writer: BackgroundTiledWriter,
     client: Any,
-    perfect_small_twin: TwinProcess,
-    small: MachineDescription,
+    perfect_small: tuple[TwinProcess, MachineDescription],
 ) -> None:
     """Every corrector of both planes, RF column: each block within 2e-3 of brute_force_orm."""
-    machine = connect_to(perfect_small_twin, small)
-    result, elapsed = _measure(run_engine, writer, client, machine, rf=machine.rf)
-    data = result.data
+    twin, small = perfect_small
+    machine = connect_to(twin, small)
+    measured = _measure(run_engine, writer, client, machine, rf=machine.rf)
+    data = measured.data
     assert data["matrix"].shape == (32, 48)
     assert data["valid"].all()
     assert list(data["corrector_names"]) == list(machine.hcorr.names) + list(machine.vcorr.names)
     np.testing.assert_allclose(data["kicks"], 40e-6, rtol=1e-3)
-    figures = _check_against_design(result, small, machine, f"small ({elapsed:.1f} s)")
+    figures = _check_against_design(measured, small, machine, "small")
     assert max(figures.values()) < TOLERANCE, figures
 
 
@@ -114,8 +151,7 @@ def test_orm_of_the_error_free_ebs_ring_is_pyats(
     run_engine: RunEngine,
     writer: BackgroundTiledWriter,
     client: Any,
-    perfect_ebs_twin: TwinProcess,
-    ebs: MachineDescription,
+    perfect_ebs: tuple[TwinProcess, MachineDescription],
 ) -> None:
     """EBS, 12 correctors per plane spread round the ring (every 24th of 288: horizontal
     HCM001, HCM025, ..., HCM265; vertical VCM013, VCM037, ..., VCM277) and the RF column.
@@ -124,20 +160,25 @@ def test_orm_of_the_error_free_ebs_ring_is_pyats(
     order of EBS's sextupoles (pyAT's own +-40 urad differences give the same 2.9e-3); at
     10 urad it is 1.8e-4, below the one-sided reference's own 5e-4.
     """
-    machine = connect_to(perfect_ebs_twin, ebs)
+    twin, ebs = perfect_ebs
+    machine = connect_to(twin, ebs)
     select = [machine.hcorr.names[i] for i in range(0, 288, 24)]
     select += [machine.vcorr.names[i] for i in range(12, 288, 24)]
-    result, elapsed = _measure(
+    measured = _measure(
         run_engine, writer, client, machine, select=select, kick=10e-6, rf=machine.rf
     )
-    assert result.data["matrix"].shape == (640, 24)
-    assert list(result.data["corrector_names"]) == select
-    figures = _check_against_design(result, ebs, machine, f"EBS ({elapsed:.1f} s)")
+    assert measured.data["matrix"].shape == (640, 24)
+    assert list(measured.data["corrector_names"]) == select
+    figures = _check_against_design(measured, ebs, machine, "EBS")
     assert max(figures.values()) < TOLERANCE, figures
 
 
 def _truth_reference(
-    twin: TwinProcess, description: MachineDescription, names: list[str], tmp_path: Path
+    twin: TwinProcess,
+    description: MachineDescription,
+    names: list[str],
+    tmp_path: Path,
+    rf_step: float = 20.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """ORM and RF column of the twin's true lattice as its BPMs read them, in nominal kicks.
 
@@ -152,7 +193,7 @@ def _truth_reference(
         truth.ring, description, names, dct=truth.dct_m, bpms=truth.bpm_elements, two_sided=True
     )
     reference *= np.array([truth.corrector_scale(n) for n in names])
-    rf = model_rf_column(truth.ring, truth.bpm_elements, truth.rf_frequency_hz, RF_STEP)
+    rf = model_rf_column(truth.ring, truth.bpm_elements, truth.rf_frequency_hz, rf_step)
     gain, roll = truth["bpm_gain"], truth["bpm_roll_rad"]
     return as_read_by_bpms(reference, gain, roll), as_read_by_bpms(rf, gain, roll)
 
@@ -169,16 +210,18 @@ def test_orm_of_a_machine_with_errors_is_the_true_lattices(
 ) -> None:
     """Seeded errors (seed 1), no noise: the measured ORM is the true lattice's, read through
     the BPM gains and rolls and scaled by the corrector calibration errors; not the design's."""
-    result, elapsed = _measure(run_engine, writer, client, machine, rf=machine.rf)
-    data = result.data
+    measured = _measure(run_engine, writer, client, machine, rf=machine.rf)
+    data = measured.data
     names, planes = list(data["corrector_names"]), list(data["corrector_planes"])
-    reference, rf_reference = _truth_reference(fresh_small_twin, small, names, tmp_path)
+    reference, rf_reference = _truth_reference(
+        fresh_small_twin, small, names, tmp_path, measured.rf_step
+    )
     figures = block_agreement(data["matrix"], reference, planes)
     figures["rf"] = orm_relative_difference(data["rf_column"], rf_reference)
     # the errors matter at this tolerance: the design lattice's ORM is far off
     design = reference_orm(build_lattice(small), small, names, dct=0.0)
     design_figures = block_agreement(data["matrix"], design, planes)
-    print(f"\nseeded small ({elapsed:.1f} s): truth {figures}; design {design_figures}")
+    print(f"\nseeded small ({measured.seconds:.1f} s): truth {figures}; design {design_figures}")
     assert max(figures.values()) < TOLERANCE, figures
     assert min(design_figures[b] for b in ("x/h", "y/v")) > 5 * TOLERANCE, design_figures
 
@@ -197,15 +240,18 @@ def test_orm_noise_gives_the_expected_chi_square(
     freedom of the measured matrix against the noise-free one (same machine), using the
     plan's per-element standard errors, is 1 within statistics (1536 elements)."""
     noise = ErrorModel().bpm_noise_m
-    quiet, _ = _measure(run_engine, writer, client, machine, bpm_noise=noise)
+    quiet = _measure(run_engine, writer, client, machine, bpm_noise=noise)
     fresh_small_twin.control.set_noise(True)
-    noisy, elapsed = _measure(run_engine, writer, client, machine, bpm_noise=noise)
+    noisy = _measure(run_engine, writer, client, machine, bpm_noise=noise)
     sigma = noisy.data["noise"]
     np.testing.assert_allclose(sigma, np.sqrt(2) * noise / (2 * 40e-6), rtol=1e-3)
     chi2 = chi2_per_dof(noisy.data["matrix"], quiet.data["matrix"], sigma)
     names = list(noisy.data["corrector_names"])
     truth_reference, _ = _truth_reference(fresh_small_twin, small, names, tmp_path)
     chi2_truth = chi2_per_dof(noisy.data["matrix"], truth_reference, sigma)
-    print(f"\nnoisy small ({elapsed:.1f} s): chi2/dof {chi2:.3f} (vs truth model {chi2_truth:.3f})")
+    print(
+        f"\nnoisy small ({noisy.seconds:.1f} s): chi2/dof {chi2:.3f} "
+        f"(against the truth model: {chi2_truth:.3f})"
+    )
     assert 0.8 < chi2 < 1.25
     assert 0.8 < chi2_truth < 1.25

@@ -4,63 +4,32 @@
 Python work (normalising documents, encoding arrays, HTTP) competes with the RunEngine for the
 GIL. Measured on the EBS twin (``benchmarks/orm.py``, 1152 ORM steps): the RunEngine took 13.6
 ms more per step with the writer subscribed than without, two thirds of its own cost. Here the
-callback only puts ``(name, doc)`` on a ``multiprocessing`` queue (pickled by the queue's feeder
-thread); a child process runs a :class:`BackgroundTiledWriter` with its own Tiled client.
+callback only queues ``(name, doc)``; a feeder thread pickles it into the stdin of a child
+process (``python -m accplans.data._writer_child``) that runs a :class:`BackgroundTiledWriter`
+with its own Tiled client. The child is a plain subprocess, not ``multiprocessing``: a spawned
+child re-imports the parent's ``__main__``, which in IPython or the queueserver is a startup
+file that must not run twice.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import pickle
 import queue
+import subprocess
+import sys
 import threading
 from typing import Any
 
-from ._writer import BackgroundTiledWriter, TiledWriteError, WriteFailure
+from ._writer import TiledWriteError, WriteFailure
+from ._writer_child import _CLOSE, _FLUSH, _KEY_ENV, _READY
 
 __all__ = ["ProcessTiledWriter"]
 
 logger = logging.getLogger(__name__)
 
-_FLUSH, _CLOSE = "__accplans_flush__", "__accplans_close__"
-
-
-def _serve(uri: str, api_key: str | None, batch_size: int, docs: Any, replies: Any) -> None:
-    """The child process: a BackgroundTiledWriter fed from ``docs``, answering on ``replies``."""
-    from tiled.client import from_uri
-
-    parent = os.getppid()
-    try:
-        writer = BackgroundTiledWriter(from_uri(uri, api_key=api_key), batch_size=batch_size)
-    except Exception as exc:
-        replies.put(("error", f"cannot write to Tiled at {uri}: {exc!r}"))
-        return
-    replies.put(("ready", None))
-    while True:
-        try:
-            name, doc = docs.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent:  # the RunEngine's process died: write what we have
-                writer.close(timeout=60.0)
-                return
-            continue
-        if name in (_FLUSH, _CLOSE):
-            failures: list[str] = []
-            try:
-                if name == _FLUSH:
-                    writer.flush(timeout=doc)
-                else:
-                    writer.close(timeout=doc)
-            except TiledWriteError as exc:
-                failures = [str(f) for f in exc.failures]
-            except Exception as exc:  # a timeout, a dead thread: report it, never hide it
-                failures = [repr(exc)]
-            replies.put((name, failures))
-            if name == _CLOSE:
-                return
-        else:
-            writer(name, doc)
+_STOP = object()
 
 
 class ProcessTiledWriter:
@@ -72,7 +41,7 @@ class ProcessTiledWriter:
 
     Args:
         uri: the Tiled server (``http://127.0.0.1:PORT/api/v1``).
-        api_key: a key that may write.
+        api_key: a key that may write (passed to the child through its environment).
         batch_size: largest number of events per stream in one write.
         start_timeout: longest wait for the child to connect to Tiled (s).
     """
@@ -85,46 +54,76 @@ class ProcessTiledWriter:
         batch_size: int = 1000,
         start_timeout: float = 120.0,
     ) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._docs = context.Queue()
-        self._replies = context.Queue()
+        env = dict(os.environ)
+        env.pop(_KEY_ENV, None)
+        if api_key is not None:
+            env[_KEY_ENV] = api_key
+        cmd = [sys.executable, "-m", "accplans.data._writer_child", uri, str(batch_size)]
+        self._process = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._stdin, self._stdout = self._process.stdin, self._process.stdout
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
-        self._process = context.Process(
-            target=_serve,
-            args=(uri, api_key, batch_size, self._docs, self._replies),
-            name="accplans-tiled-writer",
-            daemon=True,
+        self._reader = threading.Thread(
+            target=self._read_replies, name="tiled-writer-replies", daemon=True
         )
-        self._process.start()
+        self._reader.start()
         try:
             status, message = self._replies.get(timeout=start_timeout)
         except queue.Empty:
-            self._process.kill()
+            self._kill()
             raise TimeoutError(
                 f"the Tiled writer process did not start in {start_timeout} s"
             ) from None
-        if status != "ready":
-            self._process.join(5)
+        if status != _READY:
+            self._kill()
             raise ConnectionError(message)
+        self._feeder = threading.Thread(target=self._feed, name="tiled-writer-feeder", daemon=True)
+        self._feeder.start()
 
+    # -- threads -----------------------------------------------------------------------------
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                self._replies.put(pickle.load(self._stdout))
+            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+                self._replies.put(("died", ["the Tiled writer process ended"]))
+                return
+
+    def _feed(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is _STOP:
+                return
+            try:
+                pickle.dump(item, self._stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                self._stdin.flush()
+            except (BrokenPipeError, OSError):
+                logger.error("ProcessTiledWriter: the writer process is gone; %s lost", item[0])
+
+    # -- RunEngine side ----------------------------------------------------------------------
     def __call__(self, name: str, doc: dict[str, Any]) -> None:
         """RunEngine callback: hand the document to the writer process."""
         if self._closed:
             raise RuntimeError("ProcessTiledWriter is closed")
-        self._docs.put((name, doc))
+        self._outbox.put((name, doc))
 
     def _request(self, what: str, timeout: float | None) -> None:
         with self._lock:
-            if not self._process.is_alive():
-                raise RuntimeError("the Tiled writer process has died; see its log")
-            self._docs.put((what, timeout))
+            if self._process.poll() is not None:
+                raise RuntimeError("the Tiled writer process has died; see its log (stderr)")
+            self._outbox.put((what, timeout))
             wait = None if timeout is None else timeout + 30.0
             try:
                 answer, failures = self._replies.get(timeout=wait)
             except queue.Empty:
                 raise TimeoutError(f"the Tiled writer process did not answer in {wait} s") from None
-        assert answer == what
+        if answer != what:
+            raise RuntimeError(f"the Tiled writer process answered {answer!r}: {failures}")
         if failures:
             raise TiledWriteError([WriteFailure(None, what, RuntimeError(f)) for f in failures])
 
@@ -145,12 +144,22 @@ class ProcessTiledWriter:
         try:
             self._request(_CLOSE, timeout)
         finally:
-            self._process.join(10)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-            self._docs.close()
-            self._replies.close()
+            self._outbox.put(_STOP)
+            self._feeder.join(10)
+            self._kill(grace=10.0)
+
+    def _kill(self, grace: float = 0.0) -> None:
+        try:
+            self._stdin.close()
+        except OSError:
+            pass
+        try:
+            self._process.wait(grace)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._reader.join(10)  # it ends at the end of the child's output
+        self._stdout.close()
 
     def __enter__(self) -> ProcessTiledWriter:
         return self

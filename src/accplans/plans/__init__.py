@@ -1,5 +1,6 @@
 """Bluesky plans: procedures on devices, with the restore rules of DESIGN.md."""
 
+from ._queueserver import PLANS, queueserver_plans
 from ._safety import (
     PendingRestore,
     PendingRestoreError,
@@ -16,6 +17,7 @@ from .orm import measure_orm
 from .restore import restore_setpoints
 
 __all__ = [
+    "PLANS",
     "BeamLost",
     "PendingRestore",
     "PendingRestoreError",
@@ -29,6 +31,7 @@ __all__ = [
     "restore_on_exit",
     "restore_setpoints",
     "set_and_settle",
+    "queueserver_plans",
     "set_family_hardware",
     "shutdown_workers",
     "take_snapshot",
