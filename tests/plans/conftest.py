@@ -33,11 +33,6 @@ def small() -> MachineDescription:
     return load_description("small")
 
 
-@pytest.fixture(scope="session")
-def ebs() -> MachineDescription:
-    return load_description("ebs")
-
-
 @pytest.fixture
 def run_engine() -> Iterator[RunEngine]:
     """A RunEngine whose event loop is stopped (and closed) when the test ends."""

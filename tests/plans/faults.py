@@ -56,7 +56,9 @@ class MachinePlan:
         name: the plan's name (the test ids).
         build: ``machine -> (plan, families it moves)``.
         fault_after_sets: the sets after which ``exception`` and ``abort`` strike (one test
-            each); at least one event must have been recorded before each.
+            each), each > 1. The tests expect one primary event per completed step
+            (STYLE.md's ``checkpoint -> set -> wait for fresh data -> read``), so ``n - 1``
+            events before a fault after set ``n``.
         fault_after_events: the events after which ``beam_lost`` and ``twin_killed`` strike.
         reads_orbit: whether the plan reads BPMs (a lost beam stops it); ``beam_lost`` is not
             run on plans that do not.

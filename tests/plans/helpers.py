@@ -9,7 +9,9 @@ from typing import Any
 import aioca
 import at
 import numpy as np
-from bluesky.run_engine import call_in_bluesky_event_loop
+from bluesky import RunEngine
+from bluesky.run_engine import RunEngineResult, call_in_bluesky_event_loop
+from bluesky.utils import MsgGenerator
 
 from accplans.config import MachineDescription, dump_description
 from accplans.data import BackgroundTiledWriter, open_run
@@ -42,11 +44,20 @@ def renamed_description(description: MachineDescription, tag: str, directory: Pa
 
     data = rename(description.model_dump(mode="json"))
     data["machine"].update(
-        prefix=new, id=f"{description.machine.id}-{tag.lower()}", name=f"{data['machine']['name']}{tag}"
+        prefix=new,
+        id=f"{description.machine.id}-{tag.lower()}",
+        name=f"{data['machine']['name']}{tag}",
     )
     path = directory / f"{data['machine']['name']}.yaml"
     dump_description(MachineDescription.model_validate(data), path)
     return path
+
+
+def run_plan(run_engine: RunEngine, plan: MsgGenerator[Any]) -> RunEngineResult:
+    """``run_engine(plan)`` with its result (the fixture's RunEngine returns results)."""
+    result = run_engine(plan)
+    assert isinstance(result, RunEngineResult)
+    return result
 
 
 def connect_to(twin: TwinProcess, description: MachineDescription) -> Machine:
@@ -115,7 +126,7 @@ def reference_orm(
     names: Sequence[str],
     *,
     dct: float,
-    bpms: Sequence[int] | None = None,
+    bpms: Sequence[int] | np.ndarray | None = None,
     two_sided: bool = False,
 ) -> np.ndarray:
     """``brute_force_orm`` (1e-6 rad kicks) of the correctors ``names`` at path length ``dct``.
@@ -133,7 +144,7 @@ def reference_orm(
 
 
 def model_rf_column(
-    ring: at.Lattice, bpms: Sequence[int], frequency_hz: float, step_hz: float
+    ring: at.Lattice, bpms: Sequence[int] | np.ndarray, frequency_hz: float, step_hz: float
 ) -> np.ndarray:
     """d(orbit)/d(RF frequency) (m/Hz), central difference of ``find_orbit4`` at fixed frequency."""
     orbits = []

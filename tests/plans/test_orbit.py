@@ -13,7 +13,7 @@ from accplans.data import BackgroundTiledWriter, load_result
 from accplans.devices import Machine
 from accplans.plans import measure_orbit
 from accplans.sim import ErrorModel, TwinProcess
-from tests.plans.helpers import machine_setpoints, primary_events, written_run
+from tests.plans.helpers import machine_setpoints, primary_events, run_plan, written_run
 
 N_SAMPLES = 20
 
@@ -31,7 +31,7 @@ def test_mean_orbit_is_the_true_orbit_as_read_and_spread_is_the_bpm_noise(
     sigma = ErrorModel().bpm_noise_m
     before = machine_setpoints(machine)
     t0 = time.perf_counter()
-    result = run_engine(measure_orbit(machine.bpms, n_samples=N_SAMPLES))
+    result = run_plan(run_engine, measure_orbit(machine.bpms, n_samples=N_SAMPLES))
     elapsed = time.perf_counter() - t0
     (uid,) = result.run_start_uids
     run = written_run(client, writer, uid)

@@ -36,6 +36,7 @@ from tests.plans.helpers import (
     model_rf_column,
     reference_orm,
     renamed_description,
+    run_plan,
     written_run,
 )
 
@@ -95,7 +96,9 @@ def _measure(
     """Run measure_orm on both families, check it restored everything, load its result."""
     before = machine_setpoints(machine)
     t0 = time.perf_counter()
-    result = run_engine(measure_orm(machine.bpms, [machine.hcorr, machine.vcorr], **kwargs))
+    result = run_plan(
+        run_engine, measure_orm(machine.bpms, [machine.hcorr, machine.vcorr], **kwargs)
+    )
     elapsed = time.perf_counter() - t0
     assert result.exit_status == "success"
     assert_same_setpoints(machine_setpoints(machine), before)
