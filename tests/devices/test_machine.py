@@ -134,7 +134,7 @@ async def test_connect_arguments_are_checked_before_any_connection(small):
     with pytest.raises(ValueError, match="address= is for mode='twin'"):
         await connect(small, "epics", address="127.0.0.1:5064")
     with pytest.raises(ValueError, match="mode must be 'twin' or 'epics'"):
-        await connect(small, "machine")  # type: ignore[arg-type]
+        await connect(small, "machine")  # type: ignore[arg-type]  # a wrong mode, on purpose
 
 
 def test_connect_sync_needs_the_run_engine_loop(monkeypatch, small):

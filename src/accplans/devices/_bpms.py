@@ -32,7 +32,7 @@ from accplans.config import DeviceSpec, MachineDescription
 
 from ._calibrated import EpicsProtocol, fill_units, flag_r, pv, scaled_r
 from ._protocols import OrbitFrame
-from ._select import Select, resolve_select
+from ._select import FamilyMembers
 
 __all__ = ["Bpm", "BpmFamily", "length_scale"]
 
@@ -96,7 +96,7 @@ class _BpmFamilyMock(DeviceMock["BpmFamily"]):
 
 
 @default_mock_class(_BpmFamilyMock)
-class BpmFamily(StandardReadable):
+class BpmFamily(FamilyMembers[Bpm], StandardReadable):
     """The BPMs of a family (lattice order) and the family's frame PVs.
 
     Members (``members``, a ``DeviceVector`` of :class:`Bpm` named after their devices) serve
@@ -168,29 +168,6 @@ class BpmFamily(StandardReadable):
         self.add_readables([self.x, self.y], Format.HINTED_SIGNAL)
         self.add_readables([self.valid, self.counter, self.timestamp])
         super().__init__(name=family if name is None else name)
-
-    def set_name(self, name: str, *, child_name_separator: str | None = None) -> None:
-        """Name the family ``name`` and each member after its device (``BPM001``, ...)."""
-        super().set_name(name, child_name_separator=child_name_separator)
-        for i, member in self.members.items():
-            member.set_name(self.specs[i].name)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """BPM names in family (lattice) order."""
-        return self._names
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __getitem__(self, key: int | str) -> Bpm:
-        """A member by index or name."""
-        (i,) = resolve_select(key, self._names, owner=self.name)
-        return self.members[int(i)]
-
-    def select(self, select: Select = None) -> np.ndarray:
-        """Indices of the BPMs chosen by ``select`` (names, indices or a boolean mask)."""
-        return resolve_select(select, self._names, owner=self.name)
 
     async def describe(self) -> dict[str, DataKey]:
         """As StandardReadable, with the hardware unit where the PV states none."""

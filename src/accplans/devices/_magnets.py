@@ -40,7 +40,7 @@ from ._calibrated import (
     fill_units,
     pv,
 )
-from ._select import Select, resolve_select
+from ._select import FamilyMembers, Select
 
 __all__ = [
     "MAGNET_CLASSES",
@@ -164,7 +164,7 @@ def _member_put(device: MagnetFamily, i: int):
 
 
 @default_mock_class(_FamilyMock)
-class MagnetFamily(StandardReadable):
+class MagnetFamily(FamilyMembers[Magnet], StandardReadable):
     """An ordered family of magnets (lattice order) with its ``SP``/``RB`` array PVs.
 
     Members are in ``members`` (a ``DeviceVector`` indexed 0..n-1, each named after its
@@ -236,30 +236,6 @@ class MagnetFamily(StandardReadable):
         self.add_readables([self.strength_readback], Format.HINTED_SIGNAL)
         self.add_readables([self.readback, self.setpoint])
         super().__init__(name=family if name is None else name)
-
-    def set_name(self, name: str, *, child_name_separator: str | None = None) -> None:
-        """Name the family ``name`` and each member after its device (``HCM001``, ...)."""
-        super().set_name(name, child_name_separator=child_name_separator)
-        for i, member in self.members.items():
-            member.set_name(self.specs[i].name)
-
-    # -- membership ------------------------------------------------------------------------
-    @property
-    def names(self) -> tuple[str, ...]:
-        """Member names in family (lattice) order."""
-        return self._names
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __getitem__(self, key: int | str) -> Magnet:
-        """A member by index or name."""
-        (i,) = resolve_select(key, self._names, owner=self.name)
-        return self.members[int(i)]
-
-    def select(self, select: Select = None) -> npt.NDArray[np.intp]:
-        """Indices of the members chosen by ``select`` (names, indices or a boolean mask)."""
-        return resolve_select(select, self._names, owner=self.name)
 
     def limits(self, select: Select = None) -> tuple[np.ndarray, np.ndarray]:
         """Strength limits (low, high) in SI of the selected members."""

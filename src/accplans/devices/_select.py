@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
-from typing import TypeAlias
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Select", "resolve_select"]
+from accplans.config import DeviceSpec
+
+__all__ = ["FamilyMembers", "Select", "resolve_select"]
 
 #: What ``select=`` accepts: ``None`` (every member), a name, an integer index, a sequence of
 #: names and/or integer indices (0-based; negative counts from the end), a ``range``, or a
@@ -111,3 +113,45 @@ def _from_mask(mask: npt.NDArray[np.bool_], n: int, where: str) -> npt.NDArray[n
             f"{where}a boolean mask needs {n} entries (one per member), got {mask.size}"
         )
     return np.flatnonzero(mask).astype(np.intp)
+
+
+MemberT = TypeVar("MemberT")
+
+
+class FamilyMembers(Generic[MemberT]):
+    """Membership of a device family: names, lookup and ``select`` over ``members``.
+
+    Mixed into :class:`~accplans.devices.BpmFamily` and :class:`~accplans.devices.MagnetFamily`
+    (before the ophyd-async base): they set ``specs`` (the members' descriptions, in family
+    order), ``_names`` and ``members`` (a ``DeviceVector`` indexed like ``specs``).
+    """
+
+    specs: tuple[DeviceSpec, ...]
+    _names: tuple[str, ...]
+    members: Any
+
+    def set_name(self, name: str, *, child_name_separator: str | None = None) -> None:
+        """Name the family ``name`` and each member after its device (``BPM001``, ...)."""
+        super().set_name(name, child_name_separator=child_name_separator)  # type: ignore[misc]
+        for i, member in self.members.items():
+            member.set_name(self.specs[i].name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Member names in family (lattice) order."""
+        return self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, key: int | str) -> MemberT:
+        """A member by index or name."""
+        (i,) = resolve_select(key, self._names, owner=self._owner())
+        return self.members[int(i)]
+
+    def select(self, select: Select = None) -> npt.NDArray[np.intp]:
+        """Indices of the members chosen by ``select`` (names, indices or a boolean mask)."""
+        return resolve_select(select, self._names, owner=self._owner())
+
+    def _owner(self) -> str:
+        return str(getattr(self, "name", ""))
