@@ -258,3 +258,34 @@ def test_orm_noise_gives_the_expected_chi_square(
     )
     assert 0.8 < chi2 < 1.25
     assert 0.8 < chi2_truth < 1.25
+
+
+@pytest.mark.ebs
+@pytest.mark.twin(noise=False)
+def test_orm_of_the_ebs_ring_with_errors_is_the_true_lattices(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    fresh_ebs_twin: TwinProcess,
+    tmp_path: Path,
+) -> None:
+    """EBS with seeded errors (seed 1, an uncorrected orbit of several hundred um), 8
+    correctors per plane spread round the ring, +-10 urad, RF column: the true lattice's ORM as
+    its BPMs read it, each block within 2e-3."""
+    ebs = load_description("ebs")
+    machine = connect_to(fresh_ebs_twin, ebs)
+    select = [machine.hcorr.names[i] for i in range(5, 288, 36)]
+    select += [machine.vcorr.names[i] for i in range(23, 288, 36)]
+    measured = _measure(
+        run_engine, writer, client, machine, select=select, kick=10e-6, rf=machine.rf
+    )
+    data = measured.data
+    names, planes = list(data["corrector_names"]), list(data["corrector_planes"])
+    assert names == select
+    reference, rf_reference = _truth_reference(
+        fresh_ebs_twin, ebs, names, tmp_path, measured.rf_step
+    )
+    figures = block_agreement(data["matrix"], reference, planes)
+    figures["rf"] = orm_relative_difference(data["rf_column"], rf_reference)
+    print(f"\nseeded EBS ({measured.seconds:.1f} s): truth {figures}")
+    assert max(figures.values()) < TOLERANCE, figures
