@@ -105,7 +105,11 @@ def _measure(
     (uid,) = result.run_start_uids
     steps = written_run(client, writer, uid)["primary"].read()
     rf_rows = np.asarray(steps["step-corrector"]) == "RF"
-    rf_step = float(np.max(np.asarray(steps["step-kick"])[rf_rows])) if rf_rows.any() else np.nan
+    rf_steps = np.asarray(steps["step-rf_step"])[rf_rows]
+    rf_step = float(np.max(rf_steps)) if rf_rows.any() else np.nan
+    if rf_rows.any():  # an RF row records its frequency step, not a kick
+        assert np.all(np.asarray(steps["step-kick"])[rf_rows] == 0.0)
+        np.testing.assert_allclose(np.asarray(steps["step-rf_step_readback"])[rf_rows], rf_steps)
     return Measured(load_result(client, uid, "orm"), rf_step, elapsed)
 
 

@@ -115,9 +115,18 @@ def measure_orm(
             "kick": kick,
             "rf": rf is not None,
             "rf_step": rf_step,
+            "rf_dp": rf_dp,
             "settle": settle,
+            "bpm_noise": repr(bpm_noise),
         },
-        units={"step-kick": "rad", "step-kick_readback": "rad", "orbit-x": "m", "orbit-y": "m"},
+        units={
+            "step-kick": "rad",
+            "step-kick_readback": "rad",
+            "step-rf_step": "Hz",
+            "step-rf_step_readback": "Hz",
+            "orbit-x": "m",
+            "orbit-y": "m",
+        },
         num_points=2 * len(columns) + (2 if rf is not None else 0),
         corrector_names=col_names,
         bpm_names=bpm_names,
@@ -186,7 +195,13 @@ def measure_orm(
                     (k_plus if sign > 0 else k_minus)[c] = kick_rb
                     ok[:, c] &= valid
                     yield from _record_step(
-                        records, c, all_names[j], sign * kick, kick_rb, frame, rows
+                        records,
+                        c,
+                        all_names[j],
+                        frame,
+                        rows,
+                        kick=sign * kick,
+                        kick_readback=kick_rb,
                     )
                 # back to the start value (folded into the next corrector's put when possible)
                 current[fam.name][m] = start[fam.name][m]
@@ -222,10 +237,18 @@ def measure_orm(
 
 
 def _step_record() -> Record:
+    """One step: the corrector kicked (column -1 and ``RF`` for an RF step) and by how much."""
     return Record(
         "step",
-        {"column": 0, "corrector": "", "kick": 0.0, "kick_readback": 0.0},
-        {"kick": "rad", "kick_readback": "rad"},
+        {
+            "column": 0,
+            "corrector": "",
+            "kick": 0.0,
+            "kick_readback": 0.0,
+            "rf_step": 0.0,
+            "rf_step_readback": 0.0,
+        },
+        {"kick": "rad", "kick_readback": "rad", "rf_step": "Hz", "rf_step_readback": "Hz"},
     )
 
 
@@ -233,16 +256,18 @@ def _record_step(
     records: tuple[Record, Record],
     column: int,
     name: str,
-    kick: float,
-    kick_readback: float,
     frame: OrbitFrame,
     rows: np.ndarray,
+    **change: float,
 ) -> MsgGenerator[None]:
+    """Record a step: ``change`` gives ``kick``/``kick_readback`` (rad) or ``rf_step``..."""
     step, orbit = records
-    yield from bps.create("primary")
-    yield from bps.read(
-        step.update(column=column, corrector=name, kick=kick, kick_readback=kick_readback)
+    values: dict[str, float] = dict.fromkeys(
+        ("kick", "kick_readback", "rf_step", "rf_step_readback"), 0.0
     )
+    values.update(change)
+    yield from bps.create("primary")
+    yield from bps.read(step.update(column=column, corrector=name, **values))
     yield from bps.read(
         orbit.update(
             x=frame.x[rows],
@@ -265,12 +290,22 @@ def _rf_column(
     settle: float,
     timeout: float,
 ) -> MsgGenerator[np.ndarray]:
-    orbits = []
+    """The RF column (m/Hz) from orbits at +-``step`` (Hz), over the frequencies read back."""
+    orbits, frequencies = [], []
     for sign in (+1, -1):
         yield from bps.checkpoint()
-        _, settled = yield from set_and_settle(rf, f_start + sign * step)
+        readback, settled = yield from set_and_settle(rf, f_start + sign * step)
         frame = yield from read_orbit_frame(bpms, after=settled + settle, timeout=timeout)
         orbits.append(np.concatenate([frame.x[rows], frame.y[rows]]))
-        yield from _record_step(records, -1, rf.names[0], sign * step, sign * step, frame, rows)
+        frequencies.append(float(readback[0]))
+        yield from _record_step(
+            records,
+            -1,
+            rf.names[0],
+            frame,
+            rows,
+            rf_step=sign * step,
+            rf_step_readback=float(readback[0] - f_start[0]),
+        )
     yield from set_family_hardware(rf, f_start)
-    return (orbits[0] - orbits[1]) / (2 * step)
+    return (orbits[0] - orbits[1]) / (frequencies[0] - frequencies[1])
