@@ -73,8 +73,7 @@ def _as_vector(value: object, size: int, what: str, axis: str) -> np.ndarray:
         return np.full(size, float(v))
     if v.shape != (size,):
         raise ValueError(
-            f"{what} has shape {v.shape}; the response matrix has {size} {axis}, expected "
-            f"({size},)"
+            f"{what} has shape {v.shape}; the response matrix has {size} {axis}, expected ({size},)"
         )
     return v
 
@@ -202,25 +201,55 @@ def correction_matrix(
     return k_matrix
 
 
+def _best_addition(
+    r: np.ndarray, x: np.ndarray, fixed: list[int], scale: np.ndarray
+) -> tuple[int, float]:
+    """The column that, added to ``fixed``, leaves the smallest least-squares residual.
+
+    Returns:
+        ``(j, residual_sq)``: the column (-1 if every other column lies in the span of
+        ``fixed``) and the squared residual [m^2] with it.
+    """
+    if fixed:
+        basis, _ = np.linalg.qr(r[:, fixed])
+        projected = r - basis @ (basis.T @ r)
+        rest = x - basis @ (basis.T @ x)
+    else:
+        projected, rest = r, x
+    norms = np.linalg.norm(projected, axis=0)
+    usable = norms > 1e-10 * np.maximum(scale, np.finfo(float).tiny)
+    usable[fixed] = False
+    if not np.any(usable):
+        return -1, float(rest @ rest)
+    score = np.full(r.shape[1], -1.0)
+    score[usable] = (projected[:, usable].T @ rest) ** 2 / norms[usable] ** 2
+    j = int(np.argmax(score))
+    return j, float(rest @ rest - score[j])
+
+
 def micado(
-    response: np.ndarray, orbit: np.ndarray, n_correctors: int
+    response: np.ndarray, orbit: np.ndarray, n_correctors: int, *, exchange: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """MICADO: choose ``n_correctors`` correctors greedily, least squares on the chosen set.
 
     At each step the corrector that, added to those already chosen, gives the smallest
     least-squares residual is chosen (Autin & Marti): each candidate column is orthogonalised
-    against the chosen ones and scored by the residual reduction ``(q . r)^2 / |q|^2``.
-    Written here because scipy has no greedy column selection.
+    against the chosen ones and scored by the residual reduction ``(q . r)^2 / |q|^2``. Pure
+    greedy selection can take a neighbour of a kicked corrector first and never undo it, so
+    by default exchange passes follow: each chosen corrector in turn is replaced by the best
+    one given the others, while that lowers the residual. Written here because scipy has no
+    greedy column selection.
 
     Args:
         response: (nrows, ncorr) orbit response matrix R [m/rad].
         orbit: (nrows,) orbit to correct [m].
         n_correctors: number of correctors to use, ``1 <= n <= rank``.
+        exchange: run the exchange passes after the greedy selection.
 
     Returns:
         ``(dtheta, chosen)``: (ncorr,) kick change [rad] (0 outside the chosen set) that
-        minimises ``|orbit + R dtheta|`` on the chosen set, and the chosen column indices in
-        the order they were picked.
+        minimises ``|orbit + R dtheta|`` on the chosen set, and the chosen column indices
+        (greedy order, exchanged ones in place).
 
     Raises:
         ValueError: bad shapes, NaN in the matrix or the orbit (with its rows and columns),
@@ -244,24 +273,26 @@ def micado(
             f"rank {rank}, so 1 <= n_correctors <= {rank}"
         )
     scale = np.linalg.norm(r, axis=0)
-    residual = x.copy()
-    basis = np.zeros((m, 0))
     chosen: list[int] = []
+    best = float(x @ x)
     for _ in range(n_correctors):
-        projected = r - basis @ (basis.T @ r)
-        norms = np.linalg.norm(projected, axis=0)
-        usable = norms > 1e-10 * np.maximum(scale, np.finfo(float).tiny)
-        usable[chosen] = False
-        score = np.where(usable, (projected.T @ residual) ** 2 / np.where(usable, norms, 1) ** 2, -1)
-        j = int(np.argmax(score))
-        if score[j] < 0:
+        j, best_j = _best_addition(r, x, chosen, scale)
+        if j < 0:
             break  # every remaining column lies in the span of the chosen ones
-        q = projected[:, j] / norms[j]
-        q -= basis @ (basis.T @ q)  # re-orthogonalise: classical Gram-Schmidt loses it
-        q /= np.linalg.norm(q)
-        basis = np.column_stack([basis, q])
-        residual -= q * (q @ residual)
         chosen.append(j)
+        best = best_j
+    improved = exchange and len(chosen) > 1
+    passes = 0
+    while improved and passes < 10 * n_correctors:
+        improved = False
+        passes += 1
+        for p in range(len(chosen)):
+            others = chosen[:p] + chosen[p + 1 :]
+            j, res_j = _best_addition(r, x, others, scale)
+            if j >= 0 and j != chosen[p] and res_j < best * (1 - 1e-12):
+                chosen[p] = j
+                best = res_j
+                improved = True
     idx = np.array(chosen, dtype=np.int64)
     dtheta = np.zeros(n)
     dtheta[idx] = np.linalg.lstsq(r[:, idx], -x, rcond=None)[0]
@@ -383,9 +414,7 @@ def solve_correction(
             rf_scale = 1.0 / rf_norm
         a = np.column_stack([a, rf_w * rf_scale])
     if w_sum > 0:
-        summed = (
-            cols if sum_of_kicks_columns is None else _column_mask(sum_of_kicks_columns, n)
-        )
+        summed = cols if sum_of_kicks_columns is None else _column_mask(sum_of_kicks_columns, n)
         row = np.where(summed[cols], w_sum * wi, 0.0)
         if rf is not None:
             row = np.append(row, 0.0)
