@@ -42,7 +42,7 @@ from bluesky.utils import Msg, MsgGenerator
 
 from accplans.config import MachineDescription
 from accplans.devices import Machine, SettableFamily
-from accplans.plans import measure_orm, restore_setpoints, take_snapshot
+from accplans.plans import correct_orbit, measure_orm, restore_setpoints, take_snapshot
 from accplans.sim import TwinProcess
 
 Built = tuple[MsgGenerator[Any], list[SettableFamily]]
@@ -102,6 +102,18 @@ def _measure_orm(machine: Machine) -> Built:
     families: list[SettableFamily] = [machine.hcorr, machine.vcorr, machine.rf]
     plan = measure_orm(
         machine.bpms, [machine.hcorr, machine.vcorr], select=ORM_SELECT, rf=machine.rf, timeout=5
+    )
+    return plan, families
+
+
+@register("correct_orbit", fault_after_sets=(2,), fault_after_events=1, reads_orbit=True)
+def _correct_orbit(machine: Machine) -> Built:
+    """Three iterations (seed-1 errors: the orbit keeps improving, so no early stop) with the
+    RF frequency as an unknown."""
+    assert machine.rf is not None
+    families: list[SettableFamily] = [machine.hcorr, machine.vcorr, machine.rf]
+    plan = correct_orbit(
+        machine.bpms, [machine.hcorr, machine.vcorr], rf=machine.rf, iterations=3, timeout=5
     )
     return plan, families
 

@@ -33,6 +33,7 @@ import yaml
 from accplans.config import load_description
 from accplans.data import TiledProcess, load_result, run_tiled_server
 from accplans.model import brute_force_orm
+from accplans.plans import PLANS
 from accplans.sim import TwinProcess
 
 PROFILE = Path(__file__).resolve().parents[2] / "profile_collection"
@@ -302,7 +303,7 @@ def test_existing_plans_and_devices_is_current(small_twin: TwinProcess, tmp_path
     )
     # what the queueserver needs: device parameters that take device names
     plans = generated["existing_plans"]
-    assert sorted(plans) == ["measure_orbit", "measure_orm", "restore_setpoints"]
+    assert sorted(plans) == sorted(plan.__name__ for plan in PLANS)  # every public plan
     params = {p["name"]: p for p in plans["measure_orm"]["parameters"]}
     assert params["bpms"]["annotation"]["devices"] == {"OrbitSources": ["bpms"]}
     families = params["correctors"]["annotation"]["devices"]["Families"]

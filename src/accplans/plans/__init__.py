@@ -13,6 +13,7 @@ from ._safety import (
 from ._stubs import BeamLost, read_orbit_frame, set_and_settle, set_family_hardware
 from ._worker import compute, shutdown_workers
 from .orbit import measure_orbit
+from .orbit_correction import correct_orbit
 from .orm import measure_orm
 from .restore import restore_setpoints
 
@@ -24,6 +25,7 @@ __all__ = [
     "Snapshot",
     "check_hardware_limits",
     "compute",
+    "correct_orbit",
     "journal_dir",
     "measure_orbit",
     "measure_orm",

@@ -25,13 +25,19 @@ from bluesky_queueserver import parameter_annotation_decorator
 from accplans.devices import OrbitSource, SettableFamily
 
 from .orbit import measure_orbit
+from .orbit_correction import correct_orbit
 from .orm import measure_orm
 from .restore import restore_setpoints
 
 __all__ = ["PLANS", "queueserver_plans"]
 
 #: Every public plan; a new plan joins the profile and the queueserver by being listed here.
-PLANS: tuple[Callable[..., Any], ...] = (measure_orbit, measure_orm, restore_setpoints)
+PLANS: tuple[Callable[..., Any], ...] = (
+    measure_orbit,
+    measure_orm,
+    correct_orbit,
+    restore_setpoints,
+)
 
 _LISTS = {OrbitSource: "OrbitSources", SettableFamily: "Families"}
 

@@ -1,0 +1,318 @@
+"""``correct_orbit``: iterative closed-orbit correction (SVD, Tikhonov or MICADO)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+import numpy as np
+from bluesky.utils import MsgGenerator
+
+from accplans.config import MachineDescription
+from accplans.data import Result, run_metadata
+from accplans.devices import OrbitSource, SettableFamily, call_async, resolve_select
+from accplans.model import OnlineModel
+from accplans.physics import micado, solve_correction
+
+from ._record import Record
+from ._safety import description_of, restore_on_exit, take_snapshot
+from ._stubs import read_orbit_frame, set_and_settle
+from ._worker import compute
+
+__all__ = ["correct_orbit", "model_response", "orbit_correction_step"]
+
+
+def model_response(
+    description: MachineDescription,
+    hardware: Mapping[str, float],
+    bpm_names: Sequence[str],
+    corrector_names: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The online model's ORM (m/rad) and RF column (m/Hz) at these setpoints (a worker job)."""
+    model = OnlineModel(description)
+    model.set_hardware(dict(hardware))
+    response = model.orm(list(bpm_names), list(corrector_names), rf=True)
+    assert response.rf_column is not None
+    return response.matrix, response.rf_column
+
+
+def orbit_correction_step(
+    response: np.ndarray,
+    orbit: np.ndarray,
+    options: dict[str, Any],
+) -> tuple[np.ndarray, float]:
+    """Kicks (rad) and RF step (Hz) that correct ``orbit`` (a worker job; see ``correct_orbit``)."""
+    options = dict(options)
+    n_micado = options.pop("micado", None)
+    if n_micado is not None:
+        weights = options.get("bpm_weights")
+        rows = np.ones(orbit.size, bool) if weights is None else np.asarray(weights) > 0
+        target = options.get("target")
+        error = orbit - (0.0 if target is None else target)
+        kicks, _ = micado(response[rows], -error[rows], n_micado)
+        return kicks, 0.0
+    result = solve_correction(response, orbit, **options)
+    return result.dtheta_rad, result.df_hz
+
+
+def correct_orbit(
+    bpms: OrbitSource,
+    correctors: SettableFamily | Sequence[SettableFamily],
+    *,
+    response: Result | None = None,
+    method: str = "svd",
+    n_singular: int | None = None,
+    alpha: float | None = None,
+    micado_correctors: int | None = None,
+    gain: float | tuple[float, float] = 1.0,
+    bpm_select: Any = None,
+    select: Any = None,
+    rf: SettableFamily | None = None,
+    sum_of_kicks_weight: float | None = None,
+    target: np.ndarray | None = None,
+    iterations: int = 3,
+    tolerance: float = 0.0,
+    n_samples: int = 3,
+    timeout: float = 10.0,
+    md: dict | None = None,
+) -> MsgGenerator[str]:
+    """Correct the closed orbit in up to ``iterations`` steps.
+
+    Each iteration averages ``n_samples`` fresh orbit frames, computes the correction (in the
+    worker process) from the response matrix, checks the new strengths against the limits, sets
+    the correctors (and the RF frequency, with ``rf``), waits for data taken after they
+    settled and records the orbit reached. Limits are respected by the solve itself (bounded
+    least squares), not by clipping. It stops early when the rms orbit (both planes, the
+    selected BPMs) is below ``tolerance`` (m) or stops improving.
+
+    A correction plan: on success it keeps the correction, on ``RE.stop()`` it keeps the last
+    completed iteration, and on a failure (a divergent step: the rms orbit grew by more than
+    50 %; a lost beam; an error) or an abort it restores every corrector and the RF frequency
+    to their starting setpoints.
+
+    Args:
+        bpms: the BPM family (an orbit source).
+        correctors: corrector families (e.g. ``[hcorr, vcorr]``).
+        response: a measured ORM (``load_result(client, uid, "orm")``) whose rows and columns
+            name these BPMs and correctors; by default the online model's ORM at the current
+            setpoints (computed in the worker process).
+        method: ``"svd"`` (truncated) or ``"tikhonov"``.
+        n_singular: singular values kept (``"svd"``); all by default.
+        alpha: Tikhonov parameter (m/rad) for ``"tikhonov"``.
+        micado_correctors: use MICADO with this many correctors instead (no RF unknown, no
+            limits in the solve: the new strengths are still checked before any move).
+        gain: fraction of the computed correction applied, or (horizontal, vertical).
+        bpm_select: BPMs to correct on (names, indices or a mask); all by default.
+        select: correctors to use (over the families in order); all by default.
+        rf: the RF device: its frequency becomes an unknown of the correction (Hz).
+        sum_of_kicks_weight: weight (m/rad) of a zero-sum row on the horizontal kick changes.
+        target: golden orbit (m), x of the selected BPMs then y; zero by default.
+        iterations: most correction steps.
+        tolerance: stop when the rms orbit is below this (m).
+        n_samples: orbit frames averaged per measurement.
+        timeout: longest wait for one fresh frame (s).
+        md: metadata added to the run's start document.
+
+    Returns:
+        The uid of the run: a ``baseline`` event (the starting orbit) and one ``primary``
+        event per iteration (kicks in rad, RF step in Hz, orbit in m, rms in m).
+    """
+    families = [correctors] if isinstance(correctors, SettableFamily) else list(correctors)
+    description = description_of(bpms, *families, rf)
+    if iterations < 1 or n_samples < 1:
+        raise ValueError("iterations and n_samples must be >= 1")
+    gains = (float(gain), float(gain)) if isinstance(gain, (int, float)) else gain
+    all_names = [n for f in families for n in f.names]
+    columns = resolve_select(select, all_names, owner="correctors")
+    rows = resolve_select(bpm_select, bpms.names, owner=bpms.name)
+    bpm_names = [str(bpms.names[int(i)]) for i in rows]
+    col_names = [all_names[j] for j in columns]
+    planes = np.array([description.device(n).plane for n in col_names])
+    if response is not None:
+        _check_response(response, bpm_names, col_names)
+    owner = [(f, m) for f, fam in enumerate(families) for m in range(len(fam.names))]
+    moved = list(families) + ([rf] if rf is not None else [])
+    options: dict[str, Any] = {"method": method, "n_singular": n_singular, "alpha": alpha}
+    if target is not None:
+        options["target"] = np.asarray(target, float)
+    if sum_of_kicks_weight:
+        options["sum_of_kicks_weight"] = sum_of_kicks_weight
+        options["sum_of_kicks_columns"] = np.flatnonzero(planes == "h")
+    if micado_correctors is not None:
+        options = {"micado": micado_correctors, "target": options.get("target")}
+    _md = run_metadata(
+        description,
+        plan_name="correct_orbit",
+        plan_args={
+            "bpms": bpms.name,
+            "correctors": [f.name for f in families],
+            "response": None if response is None else response.uid,
+            "method": method,
+            "n_singular": n_singular,
+            "alpha": alpha,
+            "micado_correctors": micado_correctors,
+            "gain": repr(gain),
+            "bpm_select": repr(bpm_select),
+            "select": repr(select),
+            "rf": rf is not None,
+            "sum_of_kicks_weight": sum_of_kicks_weight,
+            "target": target is not None,
+            "iterations": iterations,
+            "tolerance": tolerance,
+            "n_samples": n_samples,
+        },
+        units={
+            "correction-kicks": "rad",
+            "correction-rf_step": "Hz",
+            "orbit-x": "m",
+            "orbit-y": "m",
+            "orbit-rms": "m",
+        },
+        num_points=iterations,
+        corrector_names=col_names,
+        bpm_names=bpm_names,
+    )
+    _md.update(md or {})
+
+    def measure_orbit_now(after: float) -> MsgGenerator[tuple[np.ndarray, float]]:
+        """Mean orbit (x then y, m) of ``n_samples`` frames taken at or after ``after``."""
+        samples = []
+        for _ in range(n_samples):
+            frame = yield from read_orbit_frame(bpms, after=after, timeout=timeout)
+            samples.append(np.concatenate([frame.x[rows], frame.y[rows]]))
+            after = frame.time + 2e-6
+        return np.mean(samples, axis=0), after
+
+    def plan() -> MsgGenerator[str]:
+        snapshot = yield from take_snapshot(description, moved)
+        # the starting orbit is taken with the current readbacks (never an older frame)
+        start_time = 0.0
+        for fam in moved:
+            _, stamp = yield from call_async(fam.stamped_readbacks)
+            start_time = max(start_time, stamp)
+        if response is None:
+            hardware = {n: v for f in snapshot.setpoints.values() for n, v in f.items()}
+            matrix, rf_column = yield from compute(
+                model_response, description, hardware, bpm_names, col_names
+            )
+        else:
+            matrix = np.asarray(response.data["matrix"], float)
+            rf_column = response.data.get("rf_column")
+        if rf is not None and micado_correctors is None:
+            if rf_column is None or not np.all(np.isfinite(rf_column)):
+                raise ValueError("correct_orbit(rf=...): the response has no RF column")
+            options["rf_column"] = np.asarray(rf_column, float)
+        valid = np.all(np.isfinite(matrix), axis=1)
+        if micado_correctors is None:
+            options["bpm_weights"] = valid.astype(float)
+        baseline = Record(
+            "orbit",
+            {"x": np.zeros(len(rows)), "y": np.zeros(len(rows)), "rms": 0.0},
+            {"x": "m", "y": "m", "rms": "m"},
+            source=bpms.name,
+        )
+        step = Record(
+            "correction",
+            {"iteration": 0, "kicks": np.zeros(len(columns)), "rf_step": 0.0},
+            {"kicks": "rad", "rf_step": "Hz"},
+        )
+
+        def rms(orbit: np.ndarray) -> float:
+            return float(np.sqrt(np.mean(orbit[valid] ** 2)))
+
+        @bpp.run_decorator(md=_md)
+        def run() -> MsgGenerator[None]:
+            orbit, after = yield from measure_orbit_now(start_time)
+            n = len(rows)
+            yield from bps.create("baseline")
+            yield from bps.read(baseline.update(x=orbit[:n], y=orbit[n:], rms=rms(orbit)))
+            yield from bps.save()
+            for k in range(iterations):
+                if rms(orbit) <= tolerance:
+                    break
+                yield from bps.checkpoint()
+                if micado_correctors is None:
+                    current = yield from _strengths(families, owner, columns)
+                    low, high = _strength_limits(families, owner, columns)
+                    options["lower"], options["upper"] = low - current, high - current
+                kicks, df = yield from compute(
+                    orbit_correction_step, matrix, np.nan_to_num(orbit), options
+                )
+                kicks = kicks * np.where(planes == "h", gains[0], gains[1])
+                df = float(df) * gains[0]
+                after = yield from _apply(families, owner, columns, kicks, rf, df)
+                before_rms = rms(orbit)
+                orbit, after = yield from measure_orbit_now(after)
+                yield from bps.create("primary")
+                yield from bps.read(step.update(iteration=k + 1, kicks=kicks, rf_step=df))
+                yield from bps.read(baseline.update(x=orbit[:n], y=orbit[n:], rms=rms(orbit)))
+                yield from bps.save()
+                if rms(orbit) > 1.5 * before_rms:
+                    raise RuntimeError(
+                        f"correct_orbit diverged at iteration {k + 1}: rms orbit "
+                        f"{before_rms * 1e6:.1f} -> {rms(orbit) * 1e6:.1f} um; restoring"
+                    )
+                if rms(orbit) > 0.95 * before_rms:
+                    break  # no longer improving
+
+        return (yield from restore_on_exit(run(), moved, snapshot, policy="correction"))
+
+    return (yield from plan())
+
+
+def _check_response(
+    response: Result, bpm_names: Sequence[str], corrector_names: Sequence[str]
+) -> None:
+    if response.kind != "orm":
+        raise ValueError(f"correct_orbit needs an 'orm' result, got {response.kind!r}")
+    if list(response.data["bpm_names"]) != list(bpm_names):
+        raise ValueError("the response's BPMs are not the selected BPMs (same order)")
+    if list(response.data["corrector_names"]) != list(corrector_names):
+        raise ValueError("the response's correctors are not the selected correctors (same order)")
+
+
+def _strengths(
+    families: list[SettableFamily], owner: list[tuple[int, int]], columns: np.ndarray
+) -> MsgGenerator[np.ndarray]:
+    values = []
+    for fam in families:
+        values.append((yield from call_async(fam.strengths)))
+    return np.array([values[owner[j][0]][owner[j][1]] for j in columns])
+
+
+def _strength_limits(
+    families: list[SettableFamily], owner: list[tuple[int, int]], columns: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    limits = [fam.limits() for fam in families]
+    low = np.array([limits[owner[j][0]][0][owner[j][1]] for j in columns])
+    high = np.array([limits[owner[j][0]][1][owner[j][1]] for j in columns])
+    return low, high
+
+
+def _apply(
+    families: list[SettableFamily],
+    owner: list[tuple[int, int]],
+    columns: np.ndarray,
+    kicks: np.ndarray,
+    rf: SettableFamily | None,
+    df: float,
+) -> MsgGenerator[float]:
+    """Add ``kicks`` (rad) to the correctors and ``df`` (Hz) to the RF; return when settled."""
+    settled = 0.0
+    for f, fam in enumerate(families):
+        mine = [c for c, j in enumerate(columns) if owner[j][0] == f]
+        if not mine:
+            continue
+        new = np.array((yield from call_async(fam.strengths)), float)
+        for c in mine:
+            new[owner[columns[c]][1]] += kicks[c]
+        fam.check_strengths(new)
+        _, t = yield from set_and_settle(fam, new, hardware=False)
+        settled = max(settled, t)
+    if rf is not None and df != 0.0:
+        f0 = yield from call_async(rf.hardware_setpoints)
+        _, t = yield from set_and_settle(rf, np.asarray(f0, float) + df)
+        settled = max(settled, t)
+    return settled

@@ -1,0 +1,152 @@
+"""correct_orbit on the twin: the BPMs read zero, so the beam sits on the BPMs' true offsets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from accplans.data import BackgroundTiledWriter, load_result
+from accplans.devices import Machine
+from accplans.plans import correct_orbit, measure_orm
+from accplans.sim import TwinProcess
+from tests.plans.helpers import (
+    assert_same_setpoints,
+    machine_setpoints,
+    run_plan,
+    written_run,
+)
+
+
+def _true_beam_minus_offsets(twin: TwinProcess, directory: Path) -> np.ndarray:
+    """(nbpm, 2) true beam position at the BPMs minus the BPMs' true offsets (m)."""
+    truth = twin.control.export_truth(directory)
+    return truth.closed_orbit() - truth["bpm_offset_m"]
+
+
+def _rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(values))))
+
+
+@pytest.mark.parametrize("method", ["svd", "tikhonov"])
+def test_correction_centres_the_beam_on_the_true_bpm_offsets(
+    method: str,
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    machine: Machine,
+    fresh_small_twin: TwinProcess,
+    tmp_path: Path,
+) -> None:
+    """Seed 1 (misalignments, BPM offsets/gains/rolls, corrector errors, 1 um noise), response
+    from the online model: in at most 3 iterations the BPM readings fall to a few um and the
+    true beam sits on the true BPM offsets; the correction is kept (a correction plan)."""
+    before = _true_beam_minus_offsets(fresh_small_twin, tmp_path / "before")
+    options: dict[str, Any] = {} if method == "svd" else {"alpha": 0.1}
+    result = run_plan(
+        run_engine,
+        correct_orbit(machine.bpms, [machine.hcorr, machine.vcorr], method=method, **options),
+    )
+    assert result.exit_status == "success"
+    (uid,) = result.run_start_uids
+    run = written_run(client, writer, uid)
+    start = float(run["baseline"].read()["orbit-rms"].values[0])
+    steps = run["primary"].read()
+    reached = np.asarray(steps["orbit-rms"].values)
+    after = _true_beam_minus_offsets(fresh_small_twin, tmp_path / "after")
+    print(
+        f"\n{method}: readings rms {start * 1e6:.1f} -> {reached * 1e6} um; beam - offsets "
+        f"{_rms(before) * 1e6:.1f} -> {_rms(after) * 1e6:.1f} um"
+    )
+    assert 1 <= reached.size <= 3
+    assert reached[-1] < 5e-6 < start / 5
+    # physics against the truth: the beam went to the BPMs' true offsets (gain and roll
+    # errors of a few % and mrad leave a fraction of the starting error)
+    assert _rms(after) < 0.1 * _rms(before)
+    # kept, within limits
+    kicks = np.asarray(steps["correction-kicks"].values)
+    assert np.abs(kicks).max() > 0
+    for family in (machine.hcorr, machine.vcorr):
+        family.check_strengths(0.0)  # the family itself is sane
+    assert machine_setpoints(machine)["hcorr"].max() <= machine.hcorr.specs[0].limits[1]
+
+
+def test_correction_with_a_measured_response(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    machine: Machine,
+    fresh_small_twin: TwinProcess,
+) -> None:
+    """A measured ORM loaded back from Tiled drives the correction."""
+    orm_run = run_plan(run_engine, measure_orm(machine.bpms, [machine.hcorr, machine.vcorr]))
+    (orm_uid,) = orm_run.run_start_uids
+    written_run(client, writer, orm_uid)
+    response = load_result(client, orm_uid, "orm")
+    result = run_plan(
+        run_engine,
+        correct_orbit(machine.bpms, [machine.hcorr, machine.vcorr], response=response),
+    )
+    (uid,) = result.run_start_uids
+    run = written_run(client, writer, uid)
+    start = float(run["baseline"].read()["orbit-rms"].values[0])
+    reached = run["primary"].read()["orbit-rms"].values
+    print(f"\nmeasured response: {start * 1e6:.1f} -> {reached * 1e6} um")
+    assert run.metadata["start"]["plan_args"]["response"] == orm_uid
+    assert reached[-1] < 5e-6 < start / 5
+
+
+def test_correction_with_the_rf_frequency_as_an_unknown(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    machine: Machine,
+    fresh_small_twin: TwinProcess,
+) -> None:
+    """With ``rf``, the RF frequency takes part (model response with its RF column)."""
+    f0 = machine_setpoints(machine)["RF"][0]
+    result = run_plan(
+        run_engine, correct_orbit(machine.bpms, [machine.hcorr, machine.vcorr], rf=machine.rf)
+    )
+    (uid,) = result.run_start_uids
+    run = written_run(client, writer, uid)
+    steps = run["primary"].read()
+    rf_steps = np.asarray(steps["correction-rf_step"].values)
+    reached = np.asarray(steps["orbit-rms"].values)
+    print(f"\nwith rf: {reached * 1e6} um, rf steps {rf_steps} Hz")
+    assert reached[-1] < 5e-6
+    assert abs(rf_steps[0]) > 1.0
+    # kept: the frequency is where the correction put it
+    assert machine_setpoints(machine)["RF"][0] == pytest.approx(f0 + rf_steps.sum(), abs=1e-3)
+
+
+def test_a_correction_that_would_break_a_limit_fails_and_restores(
+    run_engine: RunEngine, machine: Machine, fresh_small_twin: TwinProcess
+) -> None:
+    """A response scaled down 1000x asks for kicks 1000x too large: the bounded solve keeps
+    them within limits, the orbit gets worse, the plan stops as divergent and restores."""
+    before = machine_setpoints(machine)
+    from accplans.data import Result
+
+    matrix = np.full((32, 48), 1e-6)  # a wrong, tiny, rank-one response
+    bad = Result(
+        "orm",
+        1,
+        "made-up",
+        {
+            "matrix": matrix,
+            "rf_column": None,
+            "bpm_names": list(machine.bpms.names),
+            "corrector_names": list(machine.hcorr.names) + list(machine.vcorr.names),
+        },
+        {},
+    )
+    with pytest.raises(RuntimeError, match="diverged"):
+        run_plan(
+            run_engine,
+            correct_orbit(machine.bpms, [machine.hcorr, machine.vcorr], response=bad),
+        )
+    assert_same_setpoints(machine_setpoints(machine), before)
