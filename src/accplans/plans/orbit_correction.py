@@ -51,7 +51,7 @@ def orbit_correction_step(
         rows = np.ones(orbit.size, bool) if weights is None else np.asarray(weights) > 0
         target = options.get("target")
         error = orbit - (0.0 if target is None else target)
-        kicks, _ = micado(response[rows], -error[rows], n_micado)
+        kicks, _ = micado(response[rows], error[rows], n_micado)  # min |error + R kicks|
         return kicks, 0.0
     result = solve_correction(response, orbit, **options)
     return result.dtheta_rad, result.df_hz
@@ -101,8 +101,10 @@ def correct_orbit(
         method: ``"svd"`` (truncated) or ``"tikhonov"``.
         n_singular: singular values kept (``"svd"``); all by default.
         alpha: Tikhonov parameter (m/rad) for ``"tikhonov"``.
-        micado_correctors: use MICADO with this many correctors instead (no RF unknown, no
-            limits in the solve: the new strengths are still checked before any move).
+        micado_correctors: use MICADO with this many correctors per iteration instead (no RF
+            unknown, no limits in the solve: the new strengths are checked before any move,
+            and MICADO on adjacent, nearly parallel correctors can ask for kicks a limit
+            refuses).
         gain: fraction of the computed correction applied, or (horizontal, vertical).
         bpm_select: BPMs to correct on (names, indices or a mask); all by default.
         select: correctors to use (over the families in order); all by default.
@@ -205,8 +207,7 @@ def correct_orbit(
                 raise ValueError("correct_orbit(rf=...): the response has no RF column")
             options["rf_column"] = np.asarray(rf_column, float)
         valid = np.all(np.isfinite(matrix), axis=1)
-        if micado_correctors is None:
-            options["bpm_weights"] = valid.astype(float)
+        options["bpm_weights"] = valid.astype(float)
         baseline = Record(
             "orbit",
             {"x": np.zeros(len(rows)), "y": np.zeros(len(rows)), "rms": 0.0},
