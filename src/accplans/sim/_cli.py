@@ -222,9 +222,15 @@ def serve_main(args: argparse.Namespace) -> int:
         ready["start_s"],
     )
     dispatcher.wait_for_quit()
-    _log.info("stopping")
-    asyncio.run_coroutine_threadsafe(ioc.stop(), dispatcher.loop).result(timeout=10)
-    softioc.safeEpicsExit(0)
+    try:
+        _log.info("stopping")
+        asyncio.run_coroutine_threadsafe(ioc.stop(), dispatcher.loop).result(timeout=10)
+    except Exception:  # a stop that fails or hangs must not keep the process alive
+        _log.exception("twin: stopping failed; exiting anyway")
+    finally:
+        # exit through EPICS in every case: returning would leave Python waiting at shutdown
+        # for the dispatcher's (non-daemon) thread (a twin once outlived its killed parent)
+        softioc.safeEpicsExit(0)
     return 0
 
 
