@@ -36,12 +36,18 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from aioca import _catools
 
 from accplans.sim import TwinPorts, TwinProcess, client_environment, reserve_ports, run_twin
 
 #: Port trios of the session: [0] small twin, [1] EBS twin, the rest for tests' own twins.
-TWIN_PORT_POOL: list[TwinPorts] = reserve_ports(5)
+TWIN_PORT_POOL: list[TwinPorts] = reserve_ports(6)
 os.environ.update(client_environment(TWIN_PORT_POOL))
+# aioca keeps the first CA context it sees and attaches every other thread to it: create it
+# here, in the main thread, before any RunEngine thread does CA (a module whose first test runs
+# plans would otherwise own it from a RunEngine thread; later main-thread tests then warn
+# "There is already a CA context for this thread").
+_catools._Context._ensure_context()
 
 _SPARE = TWIN_PORT_POOL[2:]
 _DEFAULT_SEED = 1
@@ -103,6 +109,18 @@ def _close_ca_channels() -> Iterator[None]:
 @pytest.fixture
 def twin_ports() -> Iterator[TwinPorts]:
     """A port trio of the session pool for a test's own twin (free again after the test)."""
+    if not _SPARE:
+        raise RuntimeError("the session's twin port pool is exhausted (tests/conftest.py)")
+    ports = _SPARE.pop(0)
+    try:
+        yield ports
+    finally:
+        _SPARE.append(ports)
+
+
+@pytest.fixture
+def service_ports() -> Iterator[TwinPorts]:
+    """Another port trio of the pool, for a service (the orbit feedback) a test starts."""
     if not _SPARE:
         raise RuntimeError("the session's twin port pool is exhausted (tests/conftest.py)")
     ports = _SPARE.pop(0)

@@ -10,6 +10,8 @@ ACCPLANS_ADDRESS   twin mode only: the twin's ``host:port``, its CA port (or, wi
                    PVA broadcast port), e.g. ``127.0.0.1:5064``; default 127.0.0.1 on the
                    protocol's default port.
 ACCPLANS_PROTOCOL  ``ca`` (default) or ``pva``.
+ACCPLANS_FEEDBACK  ``on`` (or a PV prefix): plans claim what they move from the orbit feedback
+                   service (``accplans feedback serve``); unset: no feedback to claim from.
 TILED_URI          Tiled API URI (e.g. ``http://127.0.0.1:8000/api/v1``); unset: no Tiled writer.
 TILED_API_KEY      the key that may write there.
 
@@ -22,6 +24,7 @@ ACCPLANS_MACHINE = os.environ.get("ACCPLANS_MACHINE", "ebs")
 ACCPLANS_MODE = os.environ.get("ACCPLANS_MODE", "twin")
 ACCPLANS_ADDRESS = os.environ.get("ACCPLANS_ADDRESS") or None
 ACCPLANS_PROTOCOL = os.environ.get("ACCPLANS_PROTOCOL", "ca")
+ACCPLANS_FEEDBACK = os.environ.get("ACCPLANS_FEEDBACK") or None
 TILED_URI = os.environ.get("TILED_URI") or None
 TILED_API_KEY = os.environ.get("TILED_API_KEY") or None
 

@@ -88,7 +88,8 @@ def test_missing_field_and_unknown_kind():
         ResultReadable("loco", x=1)
 
 
-@pytest.mark.parametrize(("nbpm", "ncorr", "rf"), [(3, 2, False), (20, 6, True)])
+# (4, 8): a square matrix (2 nbpm = ncorr), whose two axes Tiled must name apart
+@pytest.mark.parametrize(("nbpm", "ncorr", "rf"), [(3, 2, False), (20, 6, True), (4, 8, True)])
 def test_orm_round_trips_through_the_run_engine(RE, writer, client, nbpm, ncorr, rf):
     fields = _orm(nbpm, ncorr, rf=rf, seed=nbpm)
     (uid,) = RE(bpp.run_wrapper(record_result("orm", **fields), md={"plan_name": "test_orm"}))

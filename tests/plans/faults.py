@@ -32,17 +32,32 @@ and a fault "after the N-th set" strikes at the message that follows it (the set
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import at
 import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import Msg, MsgGenerator
 
-from accplans.config import MachineDescription
+from accplans.config import MachineDescription, build_lattice
+from accplans.data import Result
 from accplans.devices import Machine, SettableFamily
-from accplans.plans import correct_orbit, measure_orm, restore_setpoints, take_snapshot
+from accplans.plans import (
+    correct_orbit,
+    correct_rf_frequency,
+    load_optics,
+    measure_dispersion,
+    measure_orm,
+    orbit_bump,
+    orbit_feedback,
+    restore_setpoints,
+    standardize_magnets,
+    take_snapshot,
+)
 from accplans.sim import TwinProcess
 
 Built = tuple[MsgGenerator[Any], list[SettableFamily]]
@@ -118,8 +133,37 @@ def _correct_orbit(machine: Machine) -> Built:
     return plan, families
 
 
+@register("measure_dispersion", fault_after_sets=(2, 4), fault_after_events=2, reads_orbit=True)
+def _measure_dispersion(machine: Machine) -> Built:
+    """Four RF frequency steps (two of each sign), one event per step."""
+    assert machine.rf is not None
+    families: list[SettableFamily] = [machine.rf]
+    return measure_dispersion(machine.bpms, machine.rf, n_steps=2, timeout=5), families
+
+
+@register("correct_rf_frequency", fault_after_sets=(2,), fault_after_events=1, reads_orbit=True)
+def _correct_rf_frequency(machine: Machine) -> Built:
+    """Three RF steps (seed-1 errors on the small ring: the steps stay above 0.01 Hz)."""
+    assert machine.rf is not None
+    families: list[SettableFamily] = [machine.rf]
+    plan = correct_rf_frequency(
+        machine.bpms, machine.hcorr, machine.rf, iterations=3, tolerance_hz=0.01, timeout=5
+    )
+    return plan, families
+
+
 #: Current (A) restore_setpoints' test snapshot adds to every corrector.
 RESTORE_SHIFT = 0.25
+
+
+@register("orbit_feedback", fault_after_sets=(2,), fault_after_events=2, reads_orbit=True)
+def _orbit_feedback(machine: Machine) -> Built:
+    """Four loop iterations toward zero readings (each one checkpointed step: both planes)."""
+    families: list[SettableFamily] = [machine.hcorr, machine.vcorr]
+    plan = orbit_feedback(
+        machine.bpms, machine.hcorr, machine.vcorr, iterations=4, reference="zero", timeout=5
+    )
+    return plan, families
 
 
 @register("restore_setpoints", fault_after_sets=(2,), fault_after_events=1, reads_orbit=False)
@@ -136,6 +180,80 @@ def _restore_setpoints(machine: Machine) -> Built:
         return (yield from restore_setpoints(families, snapshot))
 
     return plan(), families
+
+
+@register("standardize_magnets", fault_after_sets=(2,), fault_after_events=1, reads_orbit=False)
+def _standardize_magnets(machine: Machine) -> Built:
+    """One cycle of the horizontal correctors: max, min, max, back to the setpoints (4 sets)."""
+    families: list[SettableFamily] = [machine.hcorr]
+    return standardize_magnets(machine.hcorr, cycles=1), families
+
+
+@register(
+    "restore_setpoints_snapshot", fault_after_sets=(2, 3), fault_after_events=1, reads_orbit=False
+)
+def _restore_setpoints_snapshot(machine: Machine) -> Built:
+    """Restore a stored ``"snapshot"`` result (the present correctors shifted by
+    RESTORE_SHIFT) in two steps: sets hcorr, vcorr, hcorr, vcorr."""
+    families: list[SettableFamily] = [machine.hcorr, machine.vcorr]
+
+    def plan() -> MsgGenerator[str]:
+        snapshot = yield from take_snapshot(machine.description, families)
+        rows = [(f, n, v) for f, values in snapshot.setpoints.items() for n, v in values.items()]
+        data = {
+            "setpoints": np.array([v + RESTORE_SHIFT for _, _, v in rows]),
+            "device_names": [n for _, n, _ in rows],
+            "family_names": [f for f, _, _ in rows],
+            "units": ["A"] * len(rows),
+            "machine_id": snapshot.machine_id,
+            "config_hash": snapshot.config_hash,
+            "operator": "test",
+            "comment": "fault test",
+            "taken": snapshot.taken,
+        }
+        stored = Result("snapshot", 1, "no-run", data, {})
+        return (yield from restore_setpoints(families, stored, steps=2))
+
+    return plan(), families
+
+
+#: Lattice files of load_optics' fault test (removed when the interpreter exits).
+_OPTICS_FILES = tempfile.TemporaryDirectory(prefix="accplans-faults-")
+
+
+@register("load_optics", fault_after_sets=(2,), fault_after_events=1, reads_orbit=False)
+def _load_optics(machine: Machine) -> Built:
+    """Load the corrector kicks of a lattice file (0.3 A on every corrector) in three steps,
+    each setting hcorr then vcorr."""
+    families: list[SettableFamily] = [machine.hcorr, machine.vcorr]
+    description = machine.description
+    ring = build_lattice(description)
+    for name in [*machine.hcorr.names, *machine.vcorr.names]:
+        spec = description.device(name)
+        assert spec.calibration is not None
+        plane = 0 if spec.plane == "h" else 1
+        ring[spec.elements[0]].KickAngle[plane] = float(spec.calibration.to_strength(0.3))
+    path = Path(_OPTICS_FILES.name) / f"{description.machine.name}-kicks.mat"
+    at.save_lattice(ring, str(path))
+    return load_optics(families, str(path), steps=3), families
+
+
+@register("orbit_bump", fault_after_sets=(2,), fault_after_events=1, reads_orbit=True)
+def _orbit_bump(machine: Machine) -> Built:
+    """A 0.2 mm horizontal bump at BPM005 with the RF step (set 1), one closure step (set 2)."""
+    assert machine.rf is not None
+    families: list[SettableFamily] = [machine.hcorr, machine.rf]
+    plan = orbit_bump(
+        machine.bpms,
+        machine.hcorr,
+        machine.vcorr,
+        machine.rf,
+        at="BPM005",
+        plane="x",
+        position_m=0.2e-3,
+        timeout=5,
+    )
+    return plan, families
 
 
 # -- faults ---------------------------------------------------------------------------------

@@ -31,12 +31,23 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``accplans`` argument parser."""
     from accplans.data import add_tiled_commands
+    from accplans.services import add_feedback_commands
     from accplans.sim import add_twin_commands
+
+    from ._archive import add_archive_command
+    from ._export import add_export_command
+    from ._fofb import add_fofb_commands
+    from ._snapshot import add_snapshot_command
 
     parser = argparse.ArgumentParser(prog="accplans", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_twin_commands(sub)
+    add_feedback_commands(sub)
     add_tiled_commands(sub)
+    add_archive_command(sub)
+    add_export_command(sub)
+    add_fofb_commands(sub)
+    add_snapshot_command(sub)
 
     p = sub.add_parser("describe", help="print or write a machine description")
     p.add_argument("--machine", default="ebs", help="built-in machine name or YAML file")

@@ -3,7 +3,15 @@
 A description is the only thing a facility writes to run accplans on its machine.
 """
 
-from ._calibration import Calibration, CrosstalkSpec, LinearCalibration, PolynomialCalibration
+from ._calibration import (
+    Calibration,
+    CrosstalkSpec,
+    HysteresisSpec,
+    LinearCalibration,
+    PolynomialCalibration,
+    TableCalibration,
+    magnetic_rigidity,
+)
 from ._from_lattice import Selector, from_lattice, select_elements
 from ._lattice import BUILTIN_LATTICES, LatticeError, load_lattice, parse_field, prepare_lattice
 from ._load import (
@@ -24,9 +32,10 @@ from ._models import (
     MachineInfo,
     SectionSpec,
 )
-from ._pvs import device_pvs, family_pvs, machine_pvs
+from ._pvs import FEEDBACK_PVS, device_pvs, family_pvs, feedback_pvs, machine_pvs
 
 __all__ = [
+    "FEEDBACK_PVS",
     "BUILTIN_LATTICES",
     "BUILTIN_MACHINES",
     "TWIN_PREFIX",
@@ -36,6 +45,7 @@ __all__ = [
     "DeviceKind",
     "DeviceSpec",
     "FamilySpec",
+    "HysteresisSpec",
     "KnobSpec",
     "LatticeError",
     "LatticeSource",
@@ -44,15 +54,18 @@ __all__ = [
     "MachineInfo",
     "PolynomialCalibration",
     "SectionSpec",
+    "TableCalibration",
     "Selector",
     "build_lattice",
     "device_pvs",
+    "feedback_pvs",
     "dump_description",
     "family_pvs",
     "from_lattice",
     "load_description",
     "load_lattice",
     "machine_pvs",
+    "magnetic_rigidity",
     "parse_field",
     "prepare_lattice",
     "select_elements",

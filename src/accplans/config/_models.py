@@ -12,11 +12,17 @@ import hashlib
 import json
 import re
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ._calibration import Calibration, CrosstalkSpec
+from ._calibration import (
+    ELECTRON_REST_ENERGY_EV,
+    Calibration,
+    CrosstalkSpec,
+    TableCalibration,
+    magnetic_rigidity,
+)
 
 __all__ = [
     "DeviceKind",
@@ -99,6 +105,21 @@ class MachineInfo(_Strict):
     id: str = Field(description="identity served at <prefix>MACHINE:ID; connect() checks it")
     prefix: str = Field(pattern=r"^[A-Za-z0-9_-]+:$", description="PV prefix, ends with ':'")
     description: str = ""
+    energy_ev: float | None = Field(
+        default=None,
+        gt=0,
+        description="beam energy (eV); needed by integrated_field calibrations (Brho)",
+    )
+    rest_energy_ev: float = Field(
+        default=ELECTRON_REST_ENERGY_EV, gt=0, description="particle rest energy (eV)"
+    )
+
+    @property
+    def brho(self) -> float | None:
+        """Magnetic rigidity ``p / e`` (T m) at :attr:`energy_ev`, if the energy is given."""
+        if self.energy_ev is None:
+            return None
+        return magnetic_rigidity(self.energy_ev, self.rest_energy_ev)
 
 
 class SectionSpec(_Strict):
@@ -153,7 +174,39 @@ class DeviceSpec(_Strict):
             raise ValueError("a bpm sits at exactly one lattice element")
         if self.limits is not None and not self.limits[0] < self.limits[1]:
             raise ValueError(f"limits must be (low, high), got {self.limits}")
+        self._check_calibration()
         return self
+
+    def _check_calibration(self) -> None:
+        cal = self.calibration
+        if cal is None:
+            return
+        if cal.quantity == "integrated_field":
+            field = self.field or ""
+            if field.startswith("Polynom") and cal.magnetic_length is None:
+                raise ValueError(
+                    f"{self.name}: an integrated_field calibration of {field} needs "
+                    "'magnetic_length' (strength = int B dl / (Brho * magnetic_length))"
+                )
+            if field.startswith("KickAngle") and cal.magnetic_length is not None:
+                raise ValueError(
+                    f"{self.name}: a kick is int B dl / Brho; 'magnetic_length' is not used"
+                )
+            if not field.startswith(("Polynom", "KickAngle")):
+                raise ValueError(f"{self.name}: integrated_field needs a magnet field")
+        if isinstance(cal, TableCalibration) and self.limits is not None:
+            lo, hi = cal.hardware_range
+            if self.limits[0] < lo or self.limits[1] > hi:
+                raise ValueError(
+                    f"{self.name}: limits {self.limits} reach beyond its calibration table "
+                    f"[{lo:g}, {hi:g}] {self.unit}"
+                )
+        if cal.hysteresis is not None and self.limits is not None:
+            if cal.hysteresis.width >= self.limits[1] - self.limits[0]:
+                raise ValueError(
+                    f"{self.name}: hysteresis width {cal.hysteresis.width:g} {self.unit} is not "
+                    "smaller than its limits' span (standardization could not cycle it)"
+                )
 
     def check_limits(self, hardware: float) -> None:
         """Raise ``ValueError`` naming the device if ``hardware`` is outside its limits."""
@@ -200,6 +253,38 @@ class MachineDescription(_Strict):
     knobs: dict[str, KnobSpec] = Field(default_factory=dict)
     pvs: dict[str, str] = Field(default_factory=dict, description="machine-wide PVs (id)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_brho(cls, data: Any) -> Any:
+        """Give every integrated_field calibration without ``brho`` the machine's Brho."""
+        if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
+            return data
+        machine = data.get("machine")
+        if isinstance(machine, dict):
+            try:
+                machine = MachineInfo.model_validate(machine)
+            except ValueError:
+                return data  # reported by the normal validation
+        if not isinstance(machine, MachineInfo) or machine.energy_ev is None:
+            return data
+        try:
+            brho = machine.brho
+        except ValueError:
+            return data
+        devices = []
+        for dev in data["devices"]:
+            if isinstance(dev, dict) and isinstance(dev.get("calibration"), dict):
+                cal = dev["calibration"]
+                if cal.get("quantity") == "integrated_field" and cal.get("brho") is None:
+                    dev = {**dev, "calibration": {**cal, "brho": brho}}
+            elif isinstance(dev, DeviceSpec) and dev.calibration is not None:
+                cal = dev.calibration
+                if cal.quantity == "integrated_field" and cal.brho is None:
+                    new_cal = cal.model_copy(update={"brho": brho})
+                    dev = dev.model_copy(update={"calibration": new_cal})
+            devices.append(dev)
+        return {**data, "devices": devices}
+
     @model_validator(mode="after")
     def _cross_references(self) -> MachineDescription:
         names = [d.name for d in self.devices]
@@ -223,6 +308,21 @@ class MachineDescription(_Strict):
             missing = [s for s in REQUIRED_FAMILY_PVS.get(fam.kind, ()) if s not in fam.pvs]
             if missing:
                 raise ValueError(f"family {fname}: needs array PVs for {missing}")
+        brho = self.machine.brho
+        for d in self.devices:
+            cal = d.calibration
+            if cal is None or cal.quantity != "integrated_field":
+                continue
+            if brho is None:
+                raise ValueError(
+                    f"device {d.name}: an integrated_field calibration needs machine.energy_ev "
+                    "(Brho converts the field to a normalized strength)"
+                )
+            if cal.brho is None or abs(cal.brho - brho) > 1e-12 * brho:
+                raise ValueError(
+                    f"device {d.name}: calibration brho {cal.brho} T m disagrees with "
+                    f"machine.energy_ev ({brho:.12g} T m); remove it or fix the energy"
+                )
         for i, ct in enumerate(self.crosstalk):
             unknown = [n for n in ct.devices if n not in by_name]
             if unknown:

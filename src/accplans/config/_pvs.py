@@ -22,7 +22,7 @@ the PVs a description names, so any description the twin can serve follows it).
 
 from __future__ import annotations
 
-__all__ = ["device_pvs", "family_pvs", "machine_pvs"]
+__all__ = ["FEEDBACK_PVS", "device_pvs", "family_pvs", "feedback_pvs", "machine_pvs"]
 
 _DEVICE = {
     "bpm": {"x": "X", "y": "Y", "valid": "VALID"},
@@ -63,3 +63,40 @@ def family_pvs(prefix: str, kind: str, family: str) -> dict[str, str]:
 def machine_pvs(prefix: str) -> dict[str, str]:
     """Machine-wide PV names."""
     return {"id": f"{prefix}MACHINE:ID"}
+
+
+#: PVs of the orbit feedback service (``accplans feedback serve``), under
+#: ``<machine prefix>SOFB:`` by default: ``{signal: (suffix, record, unit, meaning)}``. The
+#: service serves them; :class:`accplans.devices.FeedbackClient` reads and writes them.
+FEEDBACK_PVS: dict[str, tuple[str, str, str, str]] = {
+    "enable": ("ENABLE", "bo", "", "1: correct the orbit, 0: stop (write)"),
+    "state": ("STATE", "mbbi", "", "DISABLED, RUNNING, PAUSED (claimed), FAULT, NO_BEAM"),
+    "message": ("MESSAGE", "longStringIn", "", "why the state is what it is"),
+    "rate": ("RATE", "ao", "Hz", "iterations per second (write)"),
+    "frames": ("FRAMES", "longout", "", "BPM frames averaged per iteration (write)"),
+    "gain_x": ("GAIN:X", "ao", "", "integral gain ki of the horizontal plane, (0, 1] (write)"),
+    "gain_y": ("GAIN:Y", "ao", "", "integral gain ki of the vertical plane (write)"),
+    "pgain_x": ("PGAIN:X", "ao", "", "proportional gain kp, horizontal, [0, 1] (write)"),
+    "pgain_y": ("PGAIN:Y", "ao", "", "proportional gain kp, vertical (write)"),
+    "iteration": ("ITERATION", "longin", "", "iterations that wrote correctors"),
+    "heartbeat": ("HEARTBEAT", "longin", "", "increments every loop pass: the service lives"),
+    "error_x": ("ERROR:X", "ai", "mm", "rms orbit error of the last iteration, horizontal"),
+    "error_y": ("ERROR:Y", "ai", "mm", "rms orbit error of the last iteration, vertical"),
+    "ref_x": ("REF:X", "waveform", "mm", "reference orbit, horizontal, per BPM (write)"),
+    "ref_y": ("REF:Y", "waveform", "mm", "reference orbit, vertical, per BPM (write)"),
+    "ref_capture": ("REF:CAPTURE", "bo", "", "write 1: reference := the averaged orbit now"),
+    "exclude_bpm": ("EXCLUDE:BPM", "waveform", "", "1 per BPM the operator excludes (write)"),
+    "exclude_h": ("EXCLUDE:HCORR", "waveform", "", "1 per excluded horizontal corrector"),
+    "exclude_v": ("EXCLUDE:VCORR", "waveform", "", "1 per excluded vertical corrector"),
+    "claim_request": ("CLAIM:REQUEST", "longStringOut", "", "JSON claim request (write)"),
+    "claim_release": ("CLAIM:RELEASE", "longStringOut", "", "JSON release (write)"),
+    "claim_heartbeat": ("CLAIM:HEARTBEAT", "longStringOut", "", "a claim id, written >= 1 Hz"),
+    "claim_ack": ("CLAIM:ACK", "longStringIn", "", "JSON outcome of the last request"),
+    "claims": ("CLAIMS", "longStringIn", "", "JSON list of the active claims"),
+    "claim_timeout": ("CLAIM:TIMEOUT", "ao", "s", "watchdog: a silent claim is released after"),
+}
+
+
+def feedback_pvs(prefix: str) -> dict[str, str]:
+    """PV names of the orbit feedback service whose PV prefix is ``prefix`` (e.g. ``SR:SOFB:``)."""
+    return {sig: f"{prefix}{spec[0]}" for sig, spec in FEEDBACK_PVS.items()}

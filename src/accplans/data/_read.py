@@ -20,6 +20,7 @@ from typing import Any
 
 from bluesky_tiled_plugins import CatalogOfBlueskyRuns
 from tiled.client.container import Container
+from tiled.utils import OneShotCachedMap
 
 __all__ = ["bluesky_catalog", "open_run"]
 
@@ -54,5 +55,18 @@ def bluesky_catalog(container: Container) -> CatalogOfBlueskyRuns:
     if isinstance(container, CatalogOfBlueskyRuns):
         return container
     return CatalogOfBlueskyRuns(
-        container.context, item=container.item, structure_clients=container.structure_clients
+        container.context, item=container.item, structure_clients=_own(container.structure_clients)
     )
+
+
+def _own(clients: Any) -> Any:
+    """A structure-client map that shares no entries with ``clients``.
+
+    bluesky-tiled-plugins' ``CatalogOfBlueskyRuns.v2`` sets ``BlueskyRun`` on a *shallow* copy
+    of its map, which shares the entries with the process-wide default: after one ``.v2`` every
+    run read anywhere in the process would have the v2 layout (streams as ``data``,
+    ``timestamps``, ``config``). Reading through this map keeps that change to the catalog.
+    """
+    if not isinstance(clients, OneShotCachedMap):
+        return clients
+    return OneShotCachedMap({key: (lambda key=key: clients[key]) for key in clients})

@@ -329,6 +329,38 @@ register_result_kind(
 )
 
 
+def _check_dispersion(values: Mapping[str, Any]) -> None:
+    dp = np.asarray(values["dp"], float)
+    if not np.all(np.isfinite(dp)) or np.unique(dp).size < 2:
+        raise ValueError("'dp' must be finite with at least two distinct values")
+
+
+register_result_kind(
+    ResultSchema(
+        kind="dispersion",
+        version=1,
+        description=(
+            "Dispersion at the BPMs as they read it, d orbit / d(dp/p), from an RF-frequency "
+            "scan: a fit per BPM through the orbits measured at the momentum offsets dp."
+        ),
+        fields={
+            "dx": FieldSpec("m", "(nbpm,)"),
+            "dy": FieldSpec("m", "(nbpm,)"),
+            "std_dx": FieldSpec("m", "(nbpm,)"),
+            "std_dy": FieldSpec("m", "(nbpm,)"),
+            "dx2": FieldSpec("m", "(nbpm,)", optional=True),
+            "dy2": FieldSpec("m", "(nbpm,)", optional=True),
+            "bpm_names": FieldSpec("", "(nbpm,)", "str"),
+            "dp": FieldSpec("", "(npoints,)"),
+            "rf_steps": FieldSpec("Hz", "(npoints,)"),
+            "rf_frequency": FieldSpec("Hz", "()"),
+            "alpha_c": FieldSpec("", "()"),
+        },
+        check=_check_dispersion,
+    )
+)
+
+
 def result_schema(kind: str) -> ResultSchema:
     """The registered schema of ``kind``.
 

@@ -16,7 +16,10 @@ alphanumeric).
   and reaps it.
 
 A facility runs its own Tiled server instead and points the same code at it: nothing in
-accplans changes but the URI and the key. Use ``tiled serve config config.yml`` with, e.g.::
+accplans changes but the URI and the key. ``accplans tiled facility-config`` writes a complete
+configuration (:func:`~accplans.data.facility_config`: PostgreSQL, password login, operators
+write and viewers read; how-to "Run Tiled for a facility"). In short, ``tiled serve config
+config.yml`` with, e.g.::
 
     authentication:
       providers:                       # how people log in: PAM, LDAP or OIDC
@@ -245,7 +248,7 @@ def serve_tiled(directory: str | Path, *, port: int, api_key: str) -> None:
 
 
 def add_tiled_commands(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``tiled serve`` to an argparse ``subparsers`` (the ``accplans`` CLI's).
+    """Add ``tiled serve`` and ``tiled facility-config`` to an argparse ``subparsers``.
 
     The ``serve`` parser sets ``func=serve_main``: call ``args.func(args)``.
 
@@ -278,6 +281,9 @@ def add_tiled_commands(subparsers: Any) -> argparse.ArgumentParser:
         help="alphanumeric key (visible to other users in the process list: prefer the key file)",
     )
     serve.set_defaults(func=serve_main)
+    from ._facility import add_facility_commands
+
+    add_facility_commands(commands)
     return tiled
 
 

@@ -42,7 +42,12 @@ logger = logging.getLogger(__name__)
 # incompatible release fails loudly, not in the middle of a run.
 _RunWriter: Any = getattr(_tw, "_RunWriter", None)
 _RunNormalizer: Any = getattr(_tw, "RunNormalizer", None)
-_REQUIRED_RUN_WRITER_ATTRS = ("_write_internal_data", "_write_external_data", "_close_stream_tree")
+_REQUIRED_RUN_WRITER_ATTRS = (
+    "_write_internal_data",
+    "_write_external_data",
+    "_close_stream_tree",
+    "_internal_dims",
+)
 if (
     _RunWriter is None
     or _RunNormalizer is None
@@ -53,6 +58,25 @@ if (
         "(bluesky_tiled_plugins.writing.tiled_writer._RunWriter with "
         f"{_REQUIRED_RUN_WRITER_ATTRS}); the installed version does not provide them"
     )
+
+
+class _DistinctDimsRunWriter(_RunWriter):  # type: ignore[misc, valid-type]
+    """The run writer, with distinct names for equal-sized axes of one array.
+
+    bluesky-tiled-plugins 2.0 names an internal array's axes after their sizes (``dim_int_k``,
+    shared across the stream), so a square array (an ORM with 2 nbpm = ncorr, a hand-over
+    matrix) gets the same name on two axes and does not load back as an xarray variable. A
+    repeated name within one array is made unique by its axis (``dim_int_k_axis``).
+    """
+
+    def _internal_dims(self, desc_name: str, shape: tuple[int | None, ...]) -> tuple[str, ...]:
+        dims = list(super()._internal_dims(desc_name, shape))
+        seen: set[str] = set()
+        for axis, name in enumerate(dims):
+            if name in seen:
+                dims[axis] = f"{name}_{axis}"
+            seen.add(dims[axis])
+        return tuple(dims)
 
 
 @dataclass(frozen=True)
@@ -121,7 +145,9 @@ class _RunPipeline:
     ) -> None:
         self.uid: str = start_doc["uid"]
         self.normalizer = _Normalizer()
-        self.run_writer = _RunWriter(client, batch_size=batch_size, max_array_size=max_array_size)
+        self.run_writer = _DistinctDimsRunWriter(
+            client, batch_size=batch_size, max_array_size=max_array_size
+        )
         self.normalizer.subscribe(self.run_writer)
         self._record = record
         self.failed: BaseException | None = None

@@ -27,6 +27,7 @@ A frame's arrays must be published before its ``TIME`` and ``COUNTER`` (``COUNTE
 
 from ._bpms import Bpm, BpmFamily
 from ._calibrated import CalibratedMovable, EpicsProtocol, LimitError, strength_unit
+from ._feedback import CLAIM_MODES, ClaimError, ClaimMode, FeedbackClient, default_feedback_prefix
 from ._knobs import Knob
 from ._machine import (
     Machine,
@@ -48,13 +49,19 @@ from ._magnets import (
 from ._monitors import Dcct, Rf, RfFrequency, TuneMonitor
 from ._numpy_printing import summarise_long_arrays
 from ._ophyd_v1 import OphydV1MagnetFamily, OphydV1OrbitSource
-from ._protocols import OrbitFrame, OrbitSource, SettableFamily, call_async
+from ._protocols import Arbiter, OrbitFrame, OrbitSource, SettableFamily, call_async
 from ._select import Select, resolve_select
 
 summarise_long_arrays()  # ophyd-async formats every array value it logs: see _numpy_printing
 
 __all__ = [
+    "CLAIM_MODES",
     "MAGNET_CLASSES",
+    "Arbiter",
+    "ClaimError",
+    "ClaimMode",
+    "FeedbackClient",
+    "default_feedback_prefix",
     "Bpm",
     "BpmFamily",
     "CalibratedMovable",

@@ -23,6 +23,7 @@ from ophyd_async.core import (
     DEFAULT_TIMEOUT,
     DerivedSignalFactory,
     DeviceMock,
+    DeviceVector,
     MovableLogic,
     SignalR,
     SignalRW,
@@ -37,7 +38,7 @@ from ophyd_async.core import (
 from ophyd_async.core import StandardReadableFormat as Format
 from ophyd_async.epics.core import epics_signal_r, epics_signal_rw
 
-from accplans.config import Calibration, DeviceSpec, LinearCalibration
+from accplans.config import Calibration, CrosstalkSpec, DeviceSpec, LinearCalibration
 
 from ._transforms import CalibrationTransform, NonZeroTransform, ScaleTransform
 
@@ -328,7 +329,7 @@ class CalibratedLogic(MovableLogic[float]):
 
     async def check_move(self, new_position: float) -> None:
         """Raise :class:`LimitError` (naming device, request, current, limits) if out of range."""
-        await self.owner.check_strength(new_position)
+        await self.owner.check_strength(await self.owner.nominal_for(new_position))
 
     async def calculate_timeout(self, old_position: float, new_position: float) -> float:
         """Ramp time of the hardware change at the device's ramp rate, plus 10 s."""
@@ -336,8 +337,9 @@ class CalibratedLogic(MovableLogic[float]):
 
     async def move(self, new_position: float, timeout: TimeoutCalculator) -> None:
         """Write the hardware setpoint and wait until the readback is within tolerance."""
+        nominal = await self.owner.nominal_for(new_position)
         hardware, problem = limit_problem(
-            self.owner.spec, new_position, self.owner.si_unit, self.owner.calibration
+            self.owner.spec, nominal, self.owner.si_unit, self.owner.calibration
         )
         if problem:
             raise LimitError(problem)
@@ -364,6 +366,13 @@ class CalibratedMovable(StandardReadable, StandardMovable[float]):
     is out of range), writes the hardware setpoint and completes when the hardware readback is
     within ``tolerance`` of it.
 
+    A channel of a multi-channel magnet (``crosstalk``) moves in the strength the beam sees on
+    it: ``set(value)`` solves the cross-talk matrix for its own current, the other channels'
+    currents held (:meth:`~accplans.config.CrosstalkSpec.nominal_for`), reading their setpoints
+    through ``crosstalk_setpoints``; :meth:`beam_strength` gives the strength the beam sees.
+    The ``strength``/``strength_readback`` signals stay the channel's *nominal* strength (its
+    own calibration).
+
     Args:
         spec: the device's description (PVs, calibration, limits, tolerance).
         protocol: EPICS transport.
@@ -371,6 +380,8 @@ class CalibratedMovable(StandardReadable, StandardMovable[float]):
         setpoint_key: key of the setpoint PV in ``spec.pvs``.
         readback_key: key of the readback PV in ``spec.pvs``.
         name: device name (default: ``spec.name``).
+        crosstalk: the multi-channel calibration this device is a channel of, if any.
+        partners: descriptions of ``crosstalk.devices`` (every channel, in its order).
     """
 
     #: Default ramp rate (hardware units per second) used for move timeouts.
@@ -387,8 +398,33 @@ class CalibratedMovable(StandardReadable, StandardMovable[float]):
         setpoint_key: str = "setpoint",
         readback_key: str = "readback",
         name: str | None = None,
+        crosstalk: CrosstalkSpec | None = None,
+        partners: Sequence[DeviceSpec] = (),
     ) -> None:
         self.spec = spec
+        self.crosstalk = crosstalk
+        if crosstalk is not None:
+            if [p.name for p in partners] != list(crosstalk.devices):
+                raise ValueError(
+                    f"{spec.name}: give the descriptions of every cross-talk channel "
+                    f"{crosstalk.devices}, in order"
+                )
+            self._channel = crosstalk.devices.index(spec.name)
+            self._partner_cals = [p.calibration or _IDENTITY for p in partners]
+            self.crosstalk_setpoints = DeviceVector(
+                {
+                    k: epics_signal_r(float, pv(p.pvs[setpoint_key], protocol))
+                    for k, p in enumerate(partners)
+                    if k != self._channel
+                }
+            )
+            self.crosstalk_readbacks = DeviceVector(
+                {
+                    k: epics_signal_r(float, pv(p.pvs[readback_key], protocol))
+                    for k, p in enumerate(partners)
+                    if k != self._channel
+                }
+            )
         self.calibration: Calibration = spec.calibration or _IDENTITY
         self.si_unit = strength_unit(spec.field) if spec.calibration is not None else spec.unit
         self.tolerance = spec.tolerance if spec.tolerance is not None else self.default_tolerance
@@ -427,6 +463,40 @@ class CalibratedMovable(StandardReadable, StandardMovable[float]):
                 setpoint=self.strength, readback=self.strength_readback, owner=self
             )
         return CalibratedLogic(setpoint=self.setpoint, readback=self.readback, owner=self)
+
+    # -- cross-talk -------------------------------------------------------------------------
+    async def _group_nominal(self, readback: bool) -> np.ndarray:
+        """Nominal strengths of every cross-talk channel (own entry NaN), from their currents."""
+        assert self.crosstalk is not None
+        signals = self.crosstalk_readbacks if readback else self.crosstalk_setpoints
+        out = np.full(len(self.crosstalk.devices), np.nan)
+        for k, signal in signals.items():
+            out[k] = float(self._partner_cals[k].to_strength(await signal.get_value()))
+        return out
+
+    async def nominal_for(self, strength: float) -> float:
+        """Nominal strength (own calibration) that gives the beam ``strength`` on this channel.
+
+        Without cross-talk, ``strength`` itself; with it, the other channels' present setpoints
+        are held.
+        """
+        if self.crosstalk is None or not np.isfinite(strength):
+            return strength
+        nominal = await self._group_nominal(readback=False)
+        return float(self.crosstalk.nominal_for([strength], [self._channel], nominal)[0])
+
+    async def beam_strength(self, nominal: float, *, readback: bool = True) -> float:
+        """Strength the beam sees on this channel when its nominal strength is ``nominal``.
+
+        Args:
+            nominal: this channel's nominal strength (its calibration of its current).
+            readback: use the other channels' readbacks (else their setpoints).
+        """
+        if self.crosstalk is None:
+            return nominal
+        group = await self._group_nominal(readback=readback)
+        group[self._channel] = nominal
+        return float(self.crosstalk.apply(group)[self._channel])
 
     # -- conversions and checks -----------------------------------------------------------
     def to_strength(self, hardware: float) -> float:

@@ -136,7 +136,9 @@ class Machine(Device):
             elif spec.kind == "bpm":
                 others[spec.name] = Bpm(spec, protocol=protocol)
             elif spec.kind in MAGNET_CLASSES:
-                others[spec.name] = MAGNET_CLASSES[spec.kind](spec, protocol=protocol)
+                others[spec.name] = MAGNET_CLASSES[spec.kind](
+                    spec, protocol=protocol, description=description
+                )
             elif spec.kind == "rf":
                 others[spec.name] = Rf(spec, protocol=protocol, description=description)
             elif spec.kind == "dcct":

@@ -69,6 +69,9 @@ class Magnet(CalibratedMovable):
         protocol: EPICS transport (``"ca"`` or ``"pva"``).
         ramp_rate: power-supply ramp rate (A/s), for the move timeout (default per class).
         name: device name (default: ``spec.name``).
+        description: the machine description, for a channel of a multi-channel magnet: its
+            ``set`` then gives the beam the requested strength (see
+            :class:`~accplans.devices.CalibratedMovable`).
     """
 
     #: The description kind this class drives (``None``: any magnet kind).
@@ -81,12 +84,22 @@ class Magnet(CalibratedMovable):
         protocol: EpicsProtocol = "ca",
         ramp_rate: float | None = None,
         name: str | None = None,
+        description: MachineDescription | None = None,
     ) -> None:
         if spec.kind not in MAGNET_KINDS:
             raise ValueError(f"device {spec.name} is a {spec.kind}, not a magnet")
         if self.kind is not None and spec.kind != self.kind:
             raise ValueError(f"device {spec.name} is a {spec.kind}, not a {self.kind}")
-        super().__init__(spec, protocol=protocol, ramp_rate=ramp_rate, name=name)
+        ct = description.crosstalk_of(spec.name) if description is not None else None
+        partners = [description.device(n) for n in ct.devices] if ct and description else []
+        super().__init__(
+            spec,
+            protocol=protocol,
+            ramp_rate=ramp_rate,
+            name=name,
+            crosstalk=ct,
+            partners=partners,
+        )
 
 
 class Corrector(Magnet):
@@ -178,6 +191,11 @@ class MagnetFamily(FamilyMembers[Magnet], StandardReadable):
     readback is within its tolerance. ``read()`` gives the strength readbacks (SI) and the
     readback and setpoint currents (A) as arrays.
 
+    Members that are channels of a multi-channel magnet (the description's ``crosstalk``) are
+    set to the strength the beam sees: their currents are solved with the other channels'
+    currents held, and :meth:`strengths`/:meth:`setpoint_strengths` apply the matrix (the
+    ``strength_readback`` array stays each member's own calibration).
+
     Args:
         family: name of the family in the description.
         description: the machine description.
@@ -206,7 +224,14 @@ class MagnetFamily(FamilyMembers[Magnet], StandardReadable):
         self.specs: tuple[DeviceSpec, ...] = tuple(description.family_devices(family))
         cls = MAGNET_CLASSES[spec.kind]
         self.members = DeviceVector(
-            {i: cls(s, protocol=protocol, ramp_rate=ramp_rate) for i, s in enumerate(self.specs)}
+            {
+                i: cls(s, protocol=protocol, ramp_rate=ramp_rate, description=description)
+                for i, s in enumerate(self.specs)
+            }
+        )
+        #: members that are channels of a multi-channel magnet (cross-talk)
+        self._coupled = np.array(
+            [description.crosstalk_of(s.name) is not None for s in self.specs], dtype=bool
         )
         n = len(self.specs)
         self._names = tuple(s.name for s in self.specs)
@@ -280,13 +305,36 @@ class MagnetFamily(FamilyMembers[Magnet], StandardReadable):
         """Strength readbacks (SI) of the selected members, from one array read."""
         idx = self.select(select)
         rb = await self._array(self.readback, "readback")
-        return self._cals.to_strength(rb[idx], idx)
+        return await self._beam(self._cals.to_strength(rb[idx], idx), idx, readback=True)
 
     async def setpoint_strengths(self, select: Select = None) -> np.ndarray:
         """Strength setpoints (SI) of the selected members, from one array read."""
         idx = self.select(select)
         sp = await self._array(self.setpoint, "setpoint")
-        return self._cals.to_strength(sp[idx], idx)
+        return await self._beam(self._cals.to_strength(sp[idx], idx), idx, readback=False)
+
+    async def _beam(
+        self, nominal: np.ndarray, idx: npt.NDArray[np.intp], *, readback: bool
+    ) -> np.ndarray:
+        """Strengths the beam sees from the nominal ones (cross-talk of coupled members)."""
+        coupled = np.flatnonzero(self._coupled[idx])
+        if coupled.size == 0:
+            return nominal
+        out = nominal.copy()
+        for k in coupled.tolist():
+            member = self.members[int(idx[k])]
+            out[k] = await member.beam_strength(float(nominal[k]), readback=readback)
+        return out
+
+    async def _nominal(self, values: np.ndarray, idx: npt.NDArray[np.intp]) -> np.ndarray:
+        """Nominal strengths that give the beam ``values`` (other channels' currents held)."""
+        coupled = np.flatnonzero(self._coupled[idx])
+        if coupled.size == 0:
+            return values
+        out = values.copy()
+        for k in coupled.tolist():
+            out[k] = await self.members[int(idx[k])].nominal_for(float(values[k]))
+        return out
 
     async def hardware_setpoints(self, select: Select = None) -> np.ndarray:
         """Setpoint currents (A) of the selected members: what to write back to restore."""
@@ -356,6 +404,8 @@ class MagnetFamily(FamilyMembers[Magnet], StandardReadable):
     ) -> None:
         idx = self.select(select)
         requested = self._calib.values(values, idx, self.name)
+        if not hardware:  # what each member's own calibration must give (cross-talk)
+            requested = await self._nominal(requested, idx)
         hw, problems = self._calib.problems(requested, idx, hardware=hardware)
         if problems:
             try:

@@ -39,7 +39,7 @@ from accplans.config import MachineDescription
 
 from ._select import Select
 
-__all__ = ["OrbitFrame", "OrbitSource", "SettableFamily", "call_async"]
+__all__ = ["Arbiter", "OrbitFrame", "OrbitSource", "SettableFamily", "call_async"]
 
 T = TypeVar("T")
 
@@ -62,6 +62,36 @@ class OrbitFrame:
     valid: np.ndarray
     counter: int
     time: float
+
+
+@runtime_checkable
+class Arbiter(Protocol):
+    """Who owns the shared resources a plan is about to move.
+
+    DESIGN.md, "Resources and arbitration": the orbit feedback
+    (:class:`~accplans.devices.FeedbackClient`), or a facility's own.
+
+    Plans do not call it directly: :func:`accplans.plans.claim` (used by
+    :func:`accplans.plans.restore_on_exit` for every plan that changes the machine) does.
+    """
+
+    @property
+    def name(self) -> str:
+        """Name used in messages."""
+        ...
+
+    async def claim(
+        self, resources: Sequence[str], mode: Any, owner: str, timeout: float = 10.0
+    ) -> str:
+        """Claim ``resources`` (``mode``: ``"pause"``, ``"exclude"`` or ``"fold"``).
+
+        Returns once the owner will no longer write them; the id to release with.
+        """
+        ...
+
+    async def release(self, claim_id: str, keep: bool = False, timeout: float = 10.0) -> None:
+        """Give a claim back; ``keep``: the plan's changes stay (not restored)."""
+        ...
 
 
 @runtime_checkable

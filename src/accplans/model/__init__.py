@@ -5,6 +5,16 @@ responses, all at the fixed RF frequency; and the fast closed-orbit solver the t
 Never the twin's truth.
 """
 
+from ._bumps import BumpResponse, bump_point, bump_response, nearest_bump_correctors
+from ._loco import (
+    GradientParameter,
+    LocoModel,
+    gradient_correction,
+    gradient_parameters,
+    optics_correction,
+    orm_jacobian,
+    run_loco,
+)
 from ._model import OnlineModel, Optics, UnstableMotion
 from ._orbit import (
     ClosedOrbitSolver,
@@ -14,11 +24,20 @@ from ._orbit import (
     frequency_for_dct,
 )
 from ._orm import FieldDrive, OrbitResponse, brute_force_orm, linear_orm
+from ._response import plane_response_blocks
+from ._strengths import LatticeStrengths, strengths_from_lattice
 
 __all__ = [
+    "BumpResponse",
+    "bump_point",
+    "bump_response",
+    "nearest_bump_correctors",
     "ClosedOrbitSolver",
     "FieldDrive",
+    "GradientParameter",
+    "LatticeStrengths",
     "Linearization",
+    "LocoModel",
     "NoClosedOrbit",
     "OnlineModel",
     "Optics",
@@ -27,5 +46,12 @@ __all__ = [
     "brute_force_orm",
     "dct_for_frequency",
     "frequency_for_dct",
+    "gradient_correction",
+    "gradient_parameters",
     "linear_orm",
+    "optics_correction",
+    "orm_jacobian",
+    "run_loco",
+    "plane_response_blocks",
+    "strengths_from_lattice",
 ]

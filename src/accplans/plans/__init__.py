@@ -1,5 +1,6 @@
 """Bluesky plans: procedures on devices, with the restore rules of DESIGN.md."""
 
+from ._claims import Claim, ClaimError, claim, current_arbiter, release, use_arbiter
 from ._queueserver import PLANS, queueserver_plans
 from ._safety import (
     PendingRestore,
@@ -11,27 +12,58 @@ from ._safety import (
     take_snapshot,
 )
 from ._stubs import BeamLost, read_orbit_frame, set_and_settle, set_family_hardware
+from ._suspenders import BeamCurrentSuspender, beam_suspender_installed
 from ._worker import compute, shutdown_workers
+from .bumps import orbit_bump, remove_bump
+from .dispersion import measure_dispersion
+from .feedback import orbit_feedback
+from .fofb import design_fofb, export_fofb_matrices, plot_fofb_design, read_fofb_matrices
+from .optics_loading import load_optics
 from .orbit import measure_orbit
 from .orbit_correction import correct_orbit
 from .orm import measure_orm
 from .restore import restore_setpoints
+from .rf_frequency import correct_rf_frequency
+from .snapshots import load_snapshot, save_setpoints, settable_families
+from .standardize import standardize_magnets
 
 __all__ = [
     "PLANS",
+    "BeamCurrentSuspender",
     "BeamLost",
+    "beam_suspender_installed",
+    "Claim",
+    "ClaimError",
+    "claim",
+    "current_arbiter",
+    "release",
+    "use_arbiter",
     "PendingRestore",
     "PendingRestoreError",
     "Snapshot",
     "check_hardware_limits",
     "compute",
     "correct_orbit",
+    "correct_rf_frequency",
+    "design_fofb",
+    "export_fofb_matrices",
+    "plot_fofb_design",
+    "read_fofb_matrices",
     "journal_dir",
+    "measure_dispersion",
     "measure_orbit",
     "measure_orm",
+    "orbit_bump",
+    "remove_bump",
+    "orbit_feedback",
     "read_orbit_frame",
     "restore_on_exit",
     "restore_setpoints",
+    "standardize_magnets",
+    "load_optics",
+    "load_snapshot",
+    "save_setpoints",
+    "settable_families",
     "set_and_settle",
     "queueserver_plans",
     "set_family_hardware",

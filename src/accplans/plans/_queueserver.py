@@ -24,10 +24,18 @@ from bluesky_queueserver import parameter_annotation_decorator
 
 from accplans.devices import OrbitSource, SettableFamily
 
+from .bumps import orbit_bump
+from .dispersion import measure_dispersion
+from .feedback import orbit_feedback
+from .fofb import design_fofb
+from .optics_loading import load_optics
 from .orbit import measure_orbit
 from .orbit_correction import correct_orbit
 from .orm import measure_orm
 from .restore import restore_setpoints
+from .rf_frequency import correct_rf_frequency
+from .snapshots import save_setpoints
+from .standardize import standardize_magnets
 
 __all__ = ["PLANS", "queueserver_plans"]
 
@@ -36,7 +44,15 @@ PLANS: tuple[Callable[..., Any], ...] = (
     measure_orbit,
     measure_orm,
     correct_orbit,
+    orbit_feedback,
     restore_setpoints,
+    measure_dispersion,
+    save_setpoints,
+    load_optics,
+    standardize_magnets,
+    orbit_bump,
+    design_fofb,
+    correct_rf_frequency,
 )
 
 _LISTS = {OrbitSource: "OrbitSources", SettableFamily: "Families"}

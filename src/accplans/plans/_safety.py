@@ -22,8 +22,9 @@ import numpy as np
 from bluesky.utils import MsgGenerator, RequestStop, RunEngineControlException
 
 from accplans.config import MachineDescription
-from accplans.devices import SettableFamily, call_async
+from accplans.devices import ClaimMode, SettableFamily, call_async
 
+from ._claims import Claim, claim, release, resources_of
 from ._stubs import set_family_hardware
 
 __all__ = [
@@ -167,8 +168,17 @@ def restore_on_exit(
     snapshot: Snapshot,
     *,
     policy: Policy = "measurement",
+    claim_mode: ClaimMode | None = "pause",
+    owner: str = "accplans",
+    also_claim: Sequence[str] = (),
 ) -> MsgGenerator[Any]:
-    """Run ``plan``; restore ``families`` to ``snapshot`` as the policy says, however it ends.
+    """Claim ``families``, run ``plan``, restore as the policy says, release the claim.
+
+    The claim (:func:`~accplans.plans.claim`, from the arbiter set by
+    :func:`~accplans.plans.use_arbiter`; nothing when there is none) is acknowledged before
+    ``plan`` starts, so the orbit feedback never writes what the plan moves; it is released after
+    the restore, with ``keep`` true when the plan's changes stay. A refused claim raises
+    :class:`~accplans.plans.ClaimError` before anything moves.
 
     - ``"measurement"``: restore on success, failure, abort and stop.
     - ``"correction"``: keep the result on success and the last completed step on a user stop
@@ -178,8 +188,20 @@ def restore_on_exit(
     (:func:`journal_dir`) and :class:`PendingRestoreError` is raised (from the plan's error, if
     any) saying where; after an abort or a stop, the RunEngine's own exception is kept, with a
     note saying where.
+
+    Args:
+        plan: the plan's body (moves and reads).
+        families: what it moves (restored from ``snapshot``, claimed).
+        snapshot: hardware setpoints taken before any move.
+        policy: ``"measurement"`` or ``"correction"`` (above).
+        claim_mode: ``"pause"``, ``"exclude"``, ``"fold"``, or ``None`` to claim nothing.
+        owner: the plan's name, shown by the arbiter.
+        also_claim: more resource names to claim (e.g. BPMs whose reference the plan changes).
     """
     outcome: dict[str, Any] = {"error": None}
+    held: Claim | None = None
+    if claim_mode is not None:
+        held = yield from claim(resources_of(families) + tuple(also_claim), claim_mode, owner=owner)
 
     def on_error(exc: Exception) -> MsgGenerator[None]:
         outcome["error"] = exc
@@ -188,8 +210,24 @@ def restore_on_exit(
     def final() -> MsgGenerator[None]:
         exc = outcome["error"]
         keep = policy == "correction" and (exc is None or isinstance(exc, RequestStop))
-        if keep:
-            return
+        failure: Exception | None = None
+        if not keep:
+            try:
+                yield from restore()
+            except Exception as restore_failure:  # release the claim first, then raise it
+                failure = restore_failure
+        yield from release_claim(keep)
+        if failure is not None:
+            raise failure
+
+    def release_claim(keep: bool) -> MsgGenerator[None]:
+        try:
+            yield from release(held, keep=keep)
+        except Exception as exc:  # the watchdog releases it: the heartbeat has stopped
+            logger.error("releasing claim %s failed (%s): the arbiter's watchdog will", held, exc)
+
+    def restore() -> MsgGenerator[None]:
+        exc = outcome["error"]
         try:
             yield from _restore(families, snapshot)
         except Exception as restore_error:

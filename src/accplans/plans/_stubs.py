@@ -16,6 +16,8 @@ from bluesky.utils import MsgGenerator
 
 from accplans.devices import OrbitFrame, OrbitSource, Select, SettableFamily, call_async
 
+from ._suspenders import beam_suspender_installed
+
 __all__ = [
     "BeamLost",
     "read_orbit_frame",
@@ -62,13 +64,28 @@ def read_orbit_frame(
 ) -> MsgGenerator[OrbitFrame]:
     """Wait for the first orbit frame taken at or after ``after`` (epoch, s) and return it.
 
+    A frame without any valid BPM reading means the beam is lost. With a
+    :class:`~accplans.plans.BeamCurrentSuspender` installed, the read waits for later frames
+    instead (up to ``timeout`` s): the suspender suspends the plan when the DCCT reports the
+    loss, and the step is replayed after the refill. Without one, or if no suspension comes,
+    the plan stops with ``BeamLost``.
+
     Raises:
-        BeamLost: the frame has no valid reading.
+        BeamLost: the frame has no valid reading (and no suspension came within ``timeout``).
         TimeoutError: no such frame within ``timeout`` s.
     """
     frame: OrbitFrame = yield from call_async(
         bpms.wait_for_frame, after=after - _STAMP_RESOLUTION, timeout=timeout
     )
+    deadline = time.monotonic() + timeout
+    while not np.any(frame.valid) and beam_suspender_installed():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:  # the next frames, until the suspension cancels this wait
+            frame = yield from call_async(bpms.wait_for_frame, after=frame.time, timeout=remaining)
+        except TimeoutError:
+            break
     if not np.any(frame.valid):
         raise BeamLost(
             f"beam lost: no BPM of {bpms.name} has a valid reading (frame {frame.counter}, "

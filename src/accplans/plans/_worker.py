@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import multiprocessing
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
 from bluesky.utils import MsgGenerator
@@ -23,6 +25,34 @@ __all__ = ["compute", "shutdown_workers"]
 
 T = TypeVar("T")
 _executor: ProcessPoolExecutor | None = None
+
+
+@contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Start worker processes without the caller's ``__main__``.
+
+    A spawned child normally re-imports the parent's main script or module (as
+    ``__mp_main__``): a script without an ``if __name__ == "__main__":`` guard (a tutorial, a
+    user's script, ``python -m accplans.cli``) would run again in the worker, start twins and
+    servers, and break the pool. The worker only runs importable library functions, so it
+    needs nothing from ``__main__``.
+    """
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main and k in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__["__spec__"] = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
+
+
+def _submit(fn: Callable[..., T], *args: Any) -> Future[T]:
+    with _main_hidden():  # the pool starts its process on the first submit
+        return _pool().submit(fn, *args)
 
 
 def _pool() -> ProcessPoolExecutor:
@@ -50,10 +80,10 @@ def compute(fn: Callable[..., T], *args: Any, timeout: float | None = None) -> M
     ``fn`` and its arguments must be picklable (module-level functions, arrays, descriptions).
     """
     try:
-        future: Future[T] = _pool().submit(fn, *args)
+        future: Future[T] = _submit(fn, *args)
     except BrokenProcessPool:  # a worker died (killed, out of memory): start a new one
         shutdown_workers()
-        future = _pool().submit(fn, *args)
+        future = _submit(fn, *args)
     if timeout is None:
         return cast(T, (yield from call_async(asyncio.wrap_future, future)))
     return (yield from call_async(lambda: asyncio.wait_for(asyncio.wrap_future(future), timeout)))

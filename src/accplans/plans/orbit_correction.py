@@ -21,7 +21,12 @@ from ._safety import description_of, restore_on_exit, take_snapshot
 from ._stubs import read_orbit_frame, set_and_settle
 from ._worker import compute
 
-__all__ = ["correct_orbit", "model_response", "orbit_correction_step"]
+__all__ = [
+    "correct_orbit",
+    "dispersion_response",
+    "model_response",
+    "orbit_correction_step",
+]
 
 
 def model_response(
@@ -36,6 +41,38 @@ def model_response(
     response = model.orm(list(bpm_names), list(corrector_names), rf=True)
     assert response.rf_column is not None
     return response.matrix, response.rf_column
+
+
+def dispersion_response(
+    description: MachineDescription,
+    hardware: Mapping[str, float],
+    bpm_names: Sequence[str],
+    corrector_names: Sequence[str],
+    dp: float = 1e-4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's dispersion response to the correctors and its dispersion (a worker job).
+
+    The dispersion measured by an RF scan is ``D = -f alpha_c d orbit / d f``, so its response
+    to a corrector is ``-f alpha_c d R / d f`` (mixed derivatives commute): the ORM's change
+    between the RF frequencies that shift the momentum by ``-+dp``, two ORM computations for
+    every corrector at once.
+
+    Returns:
+        ``(response, dispersion)``: (2 * nbpm, ncorr) ``d[Dx; Dy] / d kick`` (m/rad) and the
+        model's (2 * nbpm,) ``[Dx; Dy]`` (m) at these setpoints.
+    """
+    model = OnlineModel(description)
+    model.set_hardware(dict(hardware))
+    f0 = model.rf_frequency
+    alpha_c = model.alpha_c
+    dispersion = model.dispersion(list(bpm_names))
+    step = dp * f0 * alpha_c
+    matrices = []
+    for sign in (1.0, -1.0):
+        model.rf_frequency = f0 + sign * step
+        matrices.append(model.orm(list(bpm_names), list(corrector_names), rf=False).matrix)
+    model.rf_frequency = f0
+    return -f0 * alpha_c * (matrices[0] - matrices[1]) / (2 * step), dispersion
 
 
 def orbit_correction_step(
@@ -72,6 +109,9 @@ def correct_orbit(
     rf: SettableFamily | None = None,
     sum_of_kicks_weight: float | None = None,
     target: np.ndarray | None = None,
+    dispersion: Result | None = None,
+    dispersion_weight: float = 0.01,
+    dispersion_planes: str = "y",
     iterations: int = 3,
     tolerance: float = 0.0,
     n_samples: int = 3,
@@ -85,7 +125,9 @@ def correct_orbit(
     the correctors (and the RF frequency, with ``rf``), waits for data taken after they
     settled and records the orbit reached. Limits are respected by the solve itself (bounded
     least squares), not by clipping. It stops early when the rms orbit (both planes, the
-    selected BPMs) is below ``tolerance`` (m) or stops improving.
+    selected BPMs) is below ``tolerance`` (m) or stops improving. With a ``dispersion``, these
+    tests (and the divergence test below) use the rms of the orbit and the weighted predicted
+    dispersion error together, the quantity the solve minimises.
 
     A correction plan: on success it keeps the correction, on ``RE.stop()`` it keeps the last
     completed iteration, and on a failure (a divergent step: the rms orbit grew by more than
@@ -111,6 +153,17 @@ def correct_orbit(
         rf: the RF device: its frequency becomes an unknown of the correction (Hz).
         sum_of_kicks_weight: weight (m/rad) of a zero-sum row on the horizontal kick changes.
         target: golden orbit (m), x of the selected BPMs then y; zero by default.
+        dispersion: a measured dispersion (``load_result(client, uid, "dispersion")`` of
+            ``measure_dispersion``) naming the selected BPMs: the correction then also brings
+            the dispersion to the model's (Dx of the model, Dy zero on an uncoupled model) in
+            the Raubenheimer-Ruth form, minimising ``|orbit + R dtheta|^2 + w^2 |D - D_model +
+            R_D dtheta|^2`` with ``R_D`` the model's dispersion response (computed in the
+            worker process). The dispersion is measured once: later iterations predict it
+            from the kicks applied.
+        dispersion_weight: ``w`` above (orbit metres per metre of dispersion).
+        dispersion_planes: the dispersion rows used: ``"y"`` (default: the vertical
+            dispersion, which BPM gain errors do not bias the way they bias Dx), ``"x"`` or
+            ``"xy"``.
         iterations: most correction steps.
         tolerance: stop when the rms orbit is below this (m).
         n_samples: orbit frames averaged per measurement.
@@ -134,6 +187,11 @@ def correct_orbit(
     planes = np.array([description.device(n).plane for n in col_names])
     if response is not None:
         _check_response(response, bpm_names, col_names)
+    measured_d = None if dispersion is None else _dispersion_rows(dispersion, bpm_names)
+    if dispersion is not None and (not np.isfinite(dispersion_weight) or dispersion_weight <= 0):
+        raise ValueError(f"dispersion_weight must be finite and > 0, got {dispersion_weight!r}")
+    if dispersion_planes not in ("x", "y", "xy"):
+        raise ValueError(f"dispersion_planes must be 'x', 'y' or 'xy', got {dispersion_planes!r}")
     owner = [(f, m) for f, fam in enumerate(families) for m in range(len(fam.names))]
     moved = list(families) + ([rf] if rf is not None else [])
     options: dict[str, Any] = {"method": method, "n_singular": n_singular, "alpha": alpha}
@@ -161,6 +219,9 @@ def correct_orbit(
             "rf": rf is not None,
             "sum_of_kicks_weight": sum_of_kicks_weight,
             "target": target is not None,
+            "dispersion": None if dispersion is None else dispersion.uid,
+            "dispersion_weight": dispersion_weight if dispersion is not None else None,
+            "dispersion_planes": dispersion_planes if dispersion is not None else None,
             "iterations": iterations,
             "tolerance": tolerance,
             "n_samples": n_samples,
@@ -194,8 +255,8 @@ def correct_orbit(
         for fam in moved:
             _, stamp = yield from call_async(fam.stamped_readbacks)
             start_time = max(start_time, stamp)
+        hardware = {n: v for f in snapshot.setpoints.values() for n, v in f.items()}
         if response is None:
-            hardware = {n: v for f in snapshot.setpoints.values() for n, v in f.items()}
             matrix, rf_column = yield from compute(
                 model_response, description, hardware, bpm_names, col_names
             )
@@ -208,6 +269,27 @@ def correct_orbit(
             options["rf_column"] = np.asarray(rf_column, float)
         valid = np.all(np.isfinite(matrix), axis=1)
         options["bpm_weights"] = valid.astype(float)
+        nrow = matrix.shape[0]
+        d_matrix = d_error = None
+        if measured_d is not None:
+            # the dispersion rows: w * (D - D_model) and w * R_D, below the orbit rows
+            r_d, d_model = yield from compute(
+                dispersion_response, description, hardware, bpm_names, col_names
+            )
+            w = float(dispersion_weight)
+            d_error = w * (measured_d - d_model)
+            d_matrix = w * r_d
+            d_valid = np.isfinite(d_error) & np.all(np.isfinite(d_matrix), axis=1)
+            d_valid &= np.repeat([p in dispersion_planes for p in "xy"], len(rows))
+            d_error = np.where(d_valid, d_error, 0.0)
+            d_matrix = np.where(d_valid[:, None], d_matrix, 0.0)
+            matrix = np.vstack([matrix, d_matrix])
+            options["bpm_weights"] = np.concatenate([valid, d_valid]).astype(float)
+            if "rf_column" in options:
+                options["rf_column"] = np.concatenate([options["rf_column"], np.zeros(nrow)])
+            if "target" in options and options["target"] is not None:
+                options["target"] = np.concatenate([options["target"], np.zeros(nrow)])
+        applied = np.zeros(len(columns))
         baseline = Record(
             "orbit",
             {"x": np.zeros(len(rows)), "y": np.zeros(len(rows)), "rms": 0.0},
@@ -223,6 +305,13 @@ def correct_orbit(
         def rms(orbit: np.ndarray) -> float:
             return float(np.sqrt(np.mean(orbit[valid] ** 2)))
 
+        def objective(orbit: np.ndarray) -> float:
+            """The rms of what the solve minimises (orbit, and predicted weighted D error)."""
+            if d_matrix is None or d_error is None:
+                return rms(orbit)
+            rows_d = (d_error + d_matrix @ applied)[options["bpm_weights"][nrow:] > 0]
+            return float(np.sqrt(np.mean(np.concatenate([orbit[valid], rows_d]) ** 2)))
+
         @bpp.run_decorator(md=_md)
         def run() -> MsgGenerator[None]:
             orbit, after = yield from measure_orbit_now(start_time)
@@ -231,31 +320,33 @@ def correct_orbit(
             yield from bps.read(baseline.update(x=orbit[:n], y=orbit[n:], rms=rms(orbit)))
             yield from bps.save()
             for k in range(iterations):
-                if rms(orbit) <= tolerance:
+                if objective(orbit) <= tolerance:
                     break
                 yield from bps.checkpoint()
                 if micado_correctors is None:
                     current = yield from _strengths(families, owner, columns)
                     low, high = _strength_limits(families, owner, columns)
                     options["lower"], options["upper"] = low - current, high - current
-                kicks, df = yield from compute(
-                    orbit_correction_step, matrix, np.nan_to_num(orbit), options
-                )
+                rhs = np.nan_to_num(orbit)
+                if d_matrix is not None and d_error is not None:
+                    rhs = np.concatenate([rhs, d_error + d_matrix @ applied])
+                kicks, df = yield from compute(orbit_correction_step, matrix, rhs, options)
                 kicks = kicks * np.where(planes == "h", gains[0], gains[1])
                 df = float(df) * gains[0]
+                before_rms = objective(orbit)
                 after = yield from _apply(families, owner, columns, kicks, rf, df)
-                before_rms = rms(orbit)
+                applied[:] = applied + kicks
                 orbit, after = yield from measure_orbit_now(after)
                 yield from bps.create("primary")
                 yield from bps.read(step.update(iteration=k + 1, kicks=kicks, rf_step=df))
                 yield from bps.read(baseline.update(x=orbit[:n], y=orbit[n:], rms=rms(orbit)))
                 yield from bps.save()
-                if rms(orbit) > 1.5 * before_rms:
+                if objective(orbit) > 1.5 * before_rms:
                     raise RuntimeError(
                         f"correct_orbit diverged at iteration {k + 1}: rms orbit "
-                        f"{before_rms * 1e6:.1f} -> {rms(orbit) * 1e6:.1f} um; restoring"
+                        f"{before_rms * 1e6:.1f} -> {objective(orbit) * 1e6:.1f} um; restoring"
                     )
-                if rms(orbit) > 0.95 * before_rms:
+                if objective(orbit) > 0.95 * before_rms:
                     break  # no longer improving
 
         return (yield from restore_on_exit(run(), moved, snapshot, policy="correction"))
@@ -272,6 +363,23 @@ def _check_response(
         raise ValueError("the response's BPMs are not the selected BPMs (same order)")
     if list(response.data["corrector_names"]) != list(corrector_names):
         raise ValueError("the response's correctors are not the selected correctors (same order)")
+
+
+def _dispersion_rows(dispersion: Result, bpm_names: Sequence[str]) -> np.ndarray:
+    """``[Dx; Dy]`` (m) of a dispersion result at ``bpm_names`` (NaN where not finite)."""
+    if dispersion.kind != "dispersion":
+        raise ValueError(f"correct_orbit needs a 'dispersion' result, got {dispersion.kind!r}")
+    index = {str(n): k for k, n in enumerate(dispersion.data["bpm_names"])}
+    missing = [n for n in bpm_names if n not in index]
+    if missing:
+        raise ValueError(
+            f"the dispersion result {dispersion.uid} has no BPMs {missing[:5]}"
+            + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+        )
+    rows = [index[n] for n in bpm_names]
+    dx = np.asarray(dispersion.data["dx"], float)[rows]
+    dy = np.asarray(dispersion.data["dy"], float)[rows]
+    return np.concatenate([dx, dy])
 
 
 def _strengths(

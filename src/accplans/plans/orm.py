@@ -231,7 +231,11 @@ def measure_orm(
             )
             yield from bps.save()
 
-        return (yield from restore_on_exit(measure(), moved, snapshot, policy="measurement"))
+        return (
+            yield from restore_on_exit(
+                measure(), moved, snapshot, policy="measurement", owner="measure_orm"
+            )
+        )
 
     return (yield from plan())
 

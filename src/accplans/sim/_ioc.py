@@ -465,6 +465,18 @@ class TwinIoc:
             validate=_finite_scalar,
             on_update=self._on_drift,
         )
+        c["circumference_error"] = builder.aOut(
+            name(tp + "CIRCUMFERENCE_ERROR", where),
+            initial_value=0.0,
+            DRVL=-1e5,
+            DRVH=1e5,
+            PREC=3,
+            EGU="um",
+            always_update=True,
+            blocking=True,
+            validate=_finite_scalar,
+            on_update=self._on_circumference_error,
+        )
         c["ramp_rate"] = builder.aOut(
             name(tp + "RAMP_RATE", where),
             initial_value=self.ramp_rate,
@@ -642,6 +654,7 @@ class TwinIoc:
         self._reset_channels()
         self._ctl["seed"].set(seed)
         self._ctl["drift"].set(0.0, process=False)
+        self._ctl["circumference_error"].set(0.0, process=False)
         self._ctl["ramp_rate"].set(self.ramp_rate, process=False)
         self._ctl["noise"].set(int(self.twin.noise), process=False)
         self._publish_truth()
@@ -664,6 +677,10 @@ class TwinIoc:
 
     async def _on_drift(self, rate_um_per_s: float) -> None:
         self.twin.inject_drift(float(rate_um_per_s) * 1e-6)
+        await self._next_tick()
+
+    async def _on_circumference_error(self, dl_um: float) -> None:
+        self.twin.set_circumference_error(float(dl_um) * 1e-6)
         await self._next_tick()
 
     async def _on_ramp_rate(self, rate: float) -> None:

@@ -241,6 +241,14 @@ class TwinControl:
         """Quadrupoles drift at this rms speed per plane (m/s); 0 stops them."""
         self.put(self._ctl("DRIFT"), float(rate_m_per_s) * 1e6)
 
+    def set_circumference_error(self, dl_m: float) -> None:
+        """Make the true ring ``dl_m`` (m) longer than its lattice; ``reset`` sets it to 0.
+
+        The design RF frequency then no longer centres the beam energy; the truth exports the
+        frequency that does (``centred_rf_frequency_hz``) and the beam's ``energy_offset``.
+        """
+        self.put(self._ctl("CIRCUMFERENCE_ERROR"), float(dl_m) * 1e6)
+
     def set_ramp_rate(self, rate_a_per_s: float) -> None:
         """Magnet ramp rate (A/s); 0: readbacks follow setpoints at once."""
         self.put(self._ctl("RAMP_RATE"), float(rate_a_per_s))

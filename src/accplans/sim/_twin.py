@@ -21,7 +21,12 @@ import at
 import numpy as np
 
 from accplans.config import MachineDescription, build_lattice, parse_field
-from accplans.model import ClosedOrbitSolver, NoClosedOrbit, dct_for_frequency
+from accplans.model import (
+    ClosedOrbitSolver,
+    NoClosedOrbit,
+    dct_for_frequency,
+    frequency_for_dct,
+)
 
 from ._errors import ErrorModel, TwinErrors, bpm_readings, draw_errors
 
@@ -108,7 +113,10 @@ class Twin:
     sextupole and skew-quadrupole device of the description, in description order). Their
     hardware values (A) go through the device's calibration (nominal strength), the cross-talk
     matrix of a multi-channel magnet, then the twin's true error (corrector calibration error,
-    quadrupole gradient error per element), and are written in place into the lattice.
+    quadrupole gradient error per element), and are written in place into the lattice. A
+    magnet whose calibration has ``hysteresis`` keeps a backlash state: its true strength is
+    the calibration (the descending branch) at :attr:`effective_hardware` (see
+    :meth:`_on_calibrated_branch`); after :meth:`reset` the state is ascending.
 
     Args:
         description: the machine description.
@@ -150,12 +158,17 @@ class Twin:
         self._lin = np.zeros(n, dtype=bool)
         self._lin_gain = np.ones(n)
         self._lin_offset = np.zeros(n)
+        self._hyst_half = np.zeros(n)  # half backlash width (A), 0: no hysteresis
         for i, d in enumerate(self.magnets):
             cal = d.calibration
             if cal is not None and cal.type == "linear":
                 self._lin[i] = True
-                self._lin_gain[i] = cal.gain
-                self._lin_offset[i] = cal.offset
+                self._lin_gain[i] = cal.gain * cal.factor
+                self._lin_offset[i] = cal.offset * cal.factor
+            if cal is not None and cal.hysteresis is not None:
+                self._hyst_half[i] = 0.5 * cal.hysteresis.width
+        self._hyst = np.flatnonzero(self._hyst_half > 0)
+        self._hyst_frozen = False
         self._groups: list[tuple[np.ndarray, np.ndarray]] = []
         self._group_of = np.full(n, -1, dtype=np.int64)
         for ct in description.crosstalk:
@@ -165,6 +178,7 @@ class Twin:
         self._drift_rate = 0.0
         self._drift_velocity: np.ndarray | None = None
         self._drift_count = 0
+        self.circumference_error_m = 0.0
         self.reset(seed)
 
     # -- construction ------------------------------------------------------------------------
@@ -197,6 +211,7 @@ class Twin:
         self._nominal = np.zeros(len(self.magnets))
         self._beam_strength = np.zeros(len(self.magnets))
         self._hardware = np.full(len(self.magnets), np.nan)
+        self._backlash = np.full(len(self.magnets), np.nan)  # play-operator state (A)
         self._pending_kicks: dict[int, np.ndarray] = {}
         self._cavities = list(self.rf.elements) if self.rf is not None else []
         self.design_rf_frequency = (
@@ -205,6 +220,7 @@ class Twin:
         self.design_rf_voltage = float(sum(ring[i].Voltage for i in self._cavities))
         self.rf_frequency = self.design_rf_frequency
         self.rf_voltage = self.design_rf_voltage
+        self.circumference_error_m = 0.0
         self.dct = self._dct(self.rf_frequency)
         self.solver = ClosedOrbitSolver(ring, self.bpm_elements)
         self._noise_rng = np.random.default_rng([self.seed, 0xB0B])
@@ -228,6 +244,12 @@ class Twin:
 
     def _design_hardware(self, ring: at.Lattice) -> np.ndarray:
         """Hardware values that give the lattice's design strengths (calibration inverse)."""
+        energy = self.description.machine.energy_ev
+        if energy is not None and abs(float(ring.energy) - energy) > 1e-9 * energy:
+            raise ValueError(
+                f"machine.energy_ev {energy:.9g} eV of the description differs from the "
+                f"lattice's energy {float(ring.energy):.9g} eV (Brho of the calibrations)"
+            )
         strengths = np.empty(len(self.magnets))
         for i, d in enumerate(self.magnets):
             assert d.field is not None
@@ -294,9 +316,47 @@ class Twin:
         return targets
 
     def _dct(self, frequency_hz: float) -> float:
+        """Path lengthening (m) of the closed orbit, relative to the true ring's design orbit.
+
+        The true ring is ``circumference_error_m`` longer than the lattice: the beam's path at
+        ``frequency_hz`` is ``h c / f``, so the lattice's orbit is lengthened by that minus
+        ``C + circumference_error_m``.
+        """
         if not self._cavities:
             return 0.0
-        return float(dct_for_frequency(self.ring, frequency_hz))
+        return float(dct_for_frequency(self.ring, frequency_hz)) - self.circumference_error_m
+
+    def set_circumference_error(self, dl_m: float) -> None:
+        """Make the true ring ``dl_m`` (m) longer than its lattice (0: as designed).
+
+        The design RF frequency then no longer centres the beam energy; the orbit is
+        recomputed at the served frequency. :meth:`reset` sets it back to 0.
+        """
+        if not np.isfinite(dl_m) or abs(dl_m) > 0.1:
+            raise ValueError(f"circumference error must be finite and within 0.1 m, got {dl_m!r}")
+        if not self._cavities:
+            raise ValueError(f"machine {self.description.machine.name!r} has no RF cavity")
+        self.circumference_error_m = float(dl_m)
+        self.dct = self._dct(self.rf_frequency)
+        self._orbit_dirty = True
+        self._tune_optics_stale = True
+
+    def energy_offset(self) -> float:
+        """The beam's true relative energy offset at the served RF frequency (pyAT ``dp``)."""
+        orbit, _ = at.find_orbit4(self.ring, dct=self.dct)
+        return float(orbit[4])
+
+    def centred_rf_frequency(self) -> float:
+        """The RF frequency (Hz) at which the beam's energy offset is zero.
+
+        The closed orbit at ``dp = 0`` with the present magnets and errors has its own path
+        lengthening (tracked over one turn); the frequency whose path ``h c / f`` equals the
+        true ring's length plus it centres the energy.
+        """
+        orbit, _ = at.find_orbit4(self.ring, dp=0.0)
+        out = at.lattice_pass(self.ring, orbit.reshape(6, 1).copy(), 1)
+        dct0 = float(np.squeeze(out)[5] - orbit[5])
+        return float(frequency_for_dct(self.ring, dct0 + self.circumference_error_m))
 
     # -- inputs ------------------------------------------------------------------------------
     @property
@@ -320,12 +380,15 @@ class Twin:
         if changed.size == 0:
             return 0
         self._hardware[changed] = h[changed]
-        lin = changed[self._lin[changed]]
-        self._nominal[lin] = self._lin_gain[lin] * h[lin] + self._lin_offset[lin]
-        for i in changed[~self._lin[changed]]:
+        x = self._on_calibrated_branch(changed, h)
+        lin = self._lin[changed]
+        self._nominal[changed[lin]] = (
+            self._lin_gain[changed[lin]] * x[lin] + self._lin_offset[changed[lin]]
+        )
+        for i, xi in zip(changed[~lin].tolist(), x[~lin].tolist(), strict=True):
             cal = self.magnets[i].calibration
             assert cal is not None
-            self._nominal[i] = float(cal.to_strength(h[i]))
+            self._nominal[i] = float(cal.to_strength(xi))
         affected = changed
         self._beam_strength[changed] = self._nominal[changed]
         groups = np.unique(self._group_of[changed])
@@ -357,6 +420,37 @@ class Twin:
             self._optics_dirty = True
             self._tune_optics_stale = True
         return int(changed.size)
+
+    def _on_calibrated_branch(self, changed: np.ndarray, h: np.ndarray) -> np.ndarray:
+        """Hardware values of magnets ``changed`` on their calibration curve (hysteresis).
+
+        A magnet with hysteresis of width ``w`` keeps the output ``y`` of a play operator of
+        half-width ``r = w / 2``: ``y = clip(y, h - r, h + r)`` at each new current ``h``.
+        Its true strength is the calibration (the descending branch) at ``y - r``: ``h`` on a
+        descending approach, ``h - w`` on an ascending one. The state starts unknown after a
+        reset ("after a power cut"), taken as ascending: ``y = h - r``. While the orbit solver
+        approaches new settings in steps, the state is frozen (the steps are not a path the
+        magnets take).
+        """
+        x = h[changed].copy()
+        if self._hyst.size == 0:
+            self._backlash[changed] = x
+            return x
+        r = self._hyst_half[changed]
+        prev = self._backlash[changed]
+        y = np.where(np.isnan(prev), x - r, np.clip(prev, x - r, x + r))
+        if not self._hyst_frozen:
+            self._backlash[changed] = y
+        return y - r
+
+    @property
+    def effective_hardware(self) -> np.ndarray:
+        """Currents (A) on the calibration curve that give the true strengths (hysteresis).
+
+        Equal to :attr:`hardware` for magnets without hysteresis and for magnets on the
+        descending branch; ``hardware - width`` on the ascending branch.
+        """
+        return self._backlash - self._hyst_half
 
     def set_rf(self, frequency_hz: float | None = None, voltage_v: float | None = None) -> None:
         """Set the RF frequency (Hz) and/or the total voltage (V, shared equally by cavities)."""
@@ -506,6 +600,14 @@ class Twin:
         good = self._good
         if good is None:
             return
+        self._hyst_frozen = True
+        try:
+            self._continue_to(good)
+        finally:
+            self._hyst_frozen = False
+
+    def _continue_to(self, good: tuple[np.ndarray, float]) -> None:
+        """Approach the present settings from the ``good`` ones in steps (see :meth:`_solve`)."""
         good_h, good_dct = good
         target_h, target_dct = self._hardware.copy(), self.dct
         reason = self._orbit_reason
@@ -646,6 +748,7 @@ class Twin:
             "rf_frequency_hz": self.rf_frequency,
             "rf_voltage_v": self.rf_voltage,
             "dct_m": self.dct,
+            "circumference_error_m": self.circumference_error_m,
             "beam": self._beam_on,
             "loss_reason": self._loss_reason,
             "drift_rate_m_per_s": self._drift_rate,
@@ -659,6 +762,14 @@ class Twin:
         arrays["magnet_names"] = np.array(self.magnet_names)
         arrays["magnet_hardware"] = self._hardware.copy()
         arrays["magnet_scale"] = np.array([t[0].scale for t in self._targets])
+        arrays["magnet_effective_hardware"] = self.effective_hardware
+        arrays["magnet_hysteresis_width"] = 2.0 * self._hyst_half
+        try:  # the beam's true energy offset and the RF frequency that centres it
+            meta["energy_offset"] = self.energy_offset()
+            meta["centred_rf_frequency_hz"] = self.centred_rf_frequency()
+        except Exception as exc:  # no closed orbit: the truth says so
+            meta["energy_offset"] = meta["centred_rf_frequency_hz"] = float("nan")
+            _log.warning("truth: no energy offset or centred RF frequency (%s)", exc)
         ring = self.ring.deepcopy()
         # drift writes T1/T2 in place for the C tracker; pyAT also keeps the shifts it made
         # (and rebuilds T1/T2 from them when a lattice is saved and loaded): set them too

@@ -1,0 +1,5 @@
+"""``python -m accplans.services feedback serve ...``."""
+
+from ._cli import main
+
+main()
