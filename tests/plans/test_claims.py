@@ -133,7 +133,7 @@ def test_measure_orm_under_a_running_feedback(
     assert same < 1.5, f"the claimed run differs from the run alone beyond noise: {same:.2f}"
     # how hard the unclaimed feedback fights depends on how many of its iterations fall in
     # each step (a loaded machine gives fewer): 10x the acceptance bound still shows a fight
-    assert spoiled > 10, f"the control experiment shows no fight ({spoiled:.3g}): the test cannot fail"
+    assert spoiled > 10, f"the control shows no fight ({spoiled:.3g}): the test cannot fail"
 
 
 def test_orbit_feedback_plan_pauses_the_service_and_corrects(
