@@ -35,6 +35,9 @@ class ErrorModel:
         quad_roll_rad: roll of quadrupoles about the beam axis (rad).
         quad_gradient_rel: relative gradient (strength) error of each quadrupole element.
         sext_shift_m: transverse misalignment of sextupoles, per plane (m).
+        sext_shift_x_fraction: the horizontal sextupole misalignment as a fraction of
+            ``sext_shift_m`` (0: vertical offsets only, which feed down to skew gradients and
+            vertical dispersion but not to tunes and beta-beating).
         sext_roll_rad: roll of sextupoles (rad).
         bpm_offset_m: BPM electrical offset, per plane (m).
         bpm_gain_rel: relative BPM gain error, per plane.
@@ -57,6 +60,7 @@ class ErrorModel:
     corrector_gain_rel: float = 0.01
     tune_noise: float = 1e-5
     cut_sigma: float = 2.0
+    sext_shift_x_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -69,7 +73,8 @@ class ErrorModel:
     @classmethod
     def none(cls) -> ErrorModel:
         """A perfect machine: no errors and no noise."""
-        return cls(**{f.name: 0.0 for f in dataclasses.fields(cls) if f.name != "cut_sigma"})
+        shapes = ("cut_sigma", "sext_shift_x_fraction")  # not amplitudes
+        return cls(**{f.name: 0.0 for f in dataclasses.fields(cls) if f.name not in shapes})
 
     def without_noise(self) -> ErrorModel:
         """The same static errors, with noiseless BPM and tune readings."""
@@ -194,6 +199,7 @@ def draw_errors(
     quad_roll = truncated_normal(rng, model.quad_roll_rad, nq, cut)
     quad_grad = truncated_normal(rng, model.quad_gradient_rel, nq, cut)
     sext_shift = truncated_normal(rng, model.sext_shift_m, (ns, 2), cut)
+    sext_shift[:, 0] *= model.sext_shift_x_fraction  # after the draw: the others stay the same
     sext_roll = truncated_normal(rng, model.sext_roll_rad, ns, cut)
     bpm_offset = truncated_normal(rng, model.bpm_offset_m, (nb, 2), cut)
     bpm_gain = 1.0 + truncated_normal(rng, model.bpm_gain_rel, (nb, 2), cut)
