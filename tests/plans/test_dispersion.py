@@ -16,7 +16,9 @@ from accplans.config import MachineDescription, load_description
 from accplans.data import BackgroundTiledWriter, load_result
 from accplans.devices import Machine
 from accplans.model import OnlineModel, dct_for_frequency
+from accplans.physics import dispersion_standard_error
 from accplans.plans import correct_orbit, measure_dispersion
+from accplans.plans.dispersion import DEFAULT_SAMPLES
 from accplans.plans.orbit_correction import dispersion_response
 from accplans.sim import ErrorModel, Truth, TwinPorts, TwinProcess, run_twin
 from tests.plans.helpers import (
@@ -121,6 +123,46 @@ def test_noisy_second_order_fit_reports_its_errors(
     assert disp["dx2"] is not None and np.all(np.isfinite(disp["dx2"]))
     assert np.all(np.isfinite(std)) and np.all(std > 0)
     assert _rms(z) < 2.5
+
+
+@pytest.mark.twin(seed=3, noise=True)
+def test_the_default_scan_errs_by_its_noise_budget(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    machine: Machine,
+    fresh_small_twin: TwinProcess,
+    tmp_path: Path,
+) -> None:
+    """Default scan (2 steps per sign, 16 frames per point), 1 um BPM noise: the errors
+    against the truth are the noise budget ``sigma / sqrt(n_samples sum dp^2)`` and nothing
+    else (rms of error / budget over the 32 readings within 0.6-1.5, none beyond 4.5), the
+    reported standard errors agree with it, and the RF frequency is restored exactly."""
+    assert machine.rf is not None
+    before = machine_setpoints(machine)
+    result = run_plan(run_engine, measure_dispersion(machine.bpms, machine.rf))
+    assert result.exit_status == "success"
+    (uid,) = result.run_start_uids
+    written_run(client, writer, uid)
+    disp = load_result(client, uid, "dispersion")
+    truth = fresh_small_twin.control.export_truth(tmp_path / "truth")
+    reference = true_dispersion(truth)
+    dp = np.asarray(disp["dp"])
+    noise = float(truth.meta["error_model"]["bpm_noise_m"])
+    budget = dispersion_standard_error(dp, noise, n_samples=DEFAULT_SAMPLES)
+    measured = np.concatenate([disp["dx"], disp["dy"]])
+    std = np.concatenate([disp["std_dx"], disp["std_dy"]])
+    z = (measured - reference) / budget
+    print(
+        f"\nnoise {noise:.1e} m, dp {dp}: budget {budget:.2e} m; rms error / budget "
+        f"{_rms(z):.2f} (max {np.max(np.abs(z)):.2f}); median reported std {np.median(std):.2e} m"
+    )
+    assert noise > 0
+    assert np.sum(dp > 0) == 2 and np.sum(dp < 0) == 2
+    assert 0.6 < _rms(z) < 1.5
+    assert np.max(np.abs(z)) < 4.5
+    assert 0.5 * budget < np.median(std) < 1.5 * budget
+    assert_same_setpoints(machine_setpoints(machine), before)
 
 
 def test_a_step_beyond_the_rf_limits_is_refused_before_any_move(

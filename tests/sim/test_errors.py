@@ -21,7 +21,8 @@ def _draw(model: ErrorModel, seed: int):
 
 def test_none_is_a_perfect_machine():
     model = ErrorModel.none()
-    assert all(v == 0.0 for k, v in model.to_dict().items() if k != "cut_sigma")
+    shapes = ("cut_sigma", "sext_shift_x_fraction")  # not amplitudes
+    assert all(v == 0.0 for k, v in model.to_dict().items() if k not in shapes)
     e = _draw(model, 3)
     assert not np.any(e.quad_shift_m) and not np.any(e.bpm_offset_m)
     np.testing.assert_array_equal(e.bpm_gain, 1.0)
@@ -68,3 +69,15 @@ def test_error_model_json_round_trip_and_bad_input(tmp_path):
     with pytest.raises(ValueError, match="bpm_noise_m"):
         ErrorModel(bpm_noise_m=-1.0)
     assert ErrorModel().without_noise().bpm_noise_m == 0.0
+
+
+def test_vertical_only_sextupole_offsets_keep_the_other_draws():
+    """sext_shift_x_fraction scales the horizontal sextupole offsets after the draw: the
+    vertical ones and every other error stay those of the same seed."""
+    both = _draw(ErrorModel(sext_shift_m=30e-6), 5)
+    vertical = _draw(ErrorModel(sext_shift_m=30e-6, sext_shift_x_fraction=0.0), 5)
+    assert np.all(vertical.sext_shift_m[:, 0] == 0.0)
+    np.testing.assert_array_equal(vertical.sext_shift_m[:, 1], both.sext_shift_m[:, 1])
+    assert np.std(both.sext_shift_m[:, 0]) > 10e-6
+    np.testing.assert_array_equal(vertical.quad_shift_m, both.quad_shift_m)
+    np.testing.assert_array_equal(vertical.bpm_gain, both.bpm_gain)

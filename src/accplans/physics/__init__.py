@@ -5,6 +5,7 @@ from ._correction import CorrectionResult, correction_matrix, micado, solve_corr
 from ._dispersion import (
     DispersionFit,
     delta_for_frequency_step,
+    dispersion_standard_error,
     fit_dispersion,
     frequency_step_for_delta,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "fit_loco",
     "loco_forward",
     "delta_for_frequency_step",
+    "dispersion_standard_error",
     "fit_dispersion",
     "frequency_step_for_delta",
     "micado",

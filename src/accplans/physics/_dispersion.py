@@ -20,6 +20,7 @@ import numpy as np
 __all__ = [
     "DispersionFit",
     "delta_for_frequency_step",
+    "dispersion_standard_error",
     "fit_dispersion",
     "frequency_step_for_delta",
 ]
@@ -141,3 +142,34 @@ def fit_dispersion(
         std_dispersion=std,
         residual_rms=rms,
     )
+
+
+def dispersion_standard_error(
+    dp: np.ndarray, noise_m: float, *, n_samples: int | np.ndarray = 1, order: int = 1
+) -> float:
+    """Standard error (m) of the dispersion :func:`fit_dispersion` gets from white BPM noise.
+
+    The noise budget of a scan: each point is the mean of ``n_samples`` readings of rms
+    ``noise_m``, so the fitted slope has the error ``noise_m sqrt([(A^T W A)^-1]_11)`` with
+    ``A`` the fit's basis (``1, dp[, dp^2]``) and ``W`` the samples per point. For the
+    symmetric linear scan ``0, +-dp k/n`` it is ``noise / sqrt(n_samples sum(dp_i^2))``.
+
+    Args:
+        dp: (npoints,) relative momentum offsets of the scan (the reference point included).
+        noise_m: rms noise of one BPM reading (m).
+        n_samples: readings averaged per point (scalar or one per point).
+        order: polynomial order of the fit (1 or 2).
+    """
+    dp = np.asarray(dp, float)
+    if order not in (1, 2):
+        raise ValueError(f"dispersion_standard_error: order must be 1 or 2, got {order!r}")
+    if np.unique(dp).size < order + 1:
+        raise ValueError(
+            f"dispersion_standard_error: order {order} needs {order + 1} distinct dp values"
+        )
+    weights = np.broadcast_to(np.asarray(n_samples, float), dp.shape)
+    if np.any(weights < 1):
+        raise ValueError("dispersion_standard_error: n_samples must be >= 1")
+    basis = np.vander(dp, order + 1, increasing=True)
+    cov = np.linalg.inv(basis.T @ (weights[:, None] * basis))
+    return float(noise_m * np.sqrt(cov[1, 1]))

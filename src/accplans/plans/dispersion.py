@@ -24,6 +24,8 @@ __all__ = ["measure_dispersion", "model_alpha_c", "scan_momenta"]
 
 #: Largest |dp| a default scan asks for (the issue's +-1e-3).
 DEFAULT_DP = 1e-3
+#: Orbit frames averaged per point by default (see the noise budget in the docstring).
+DEFAULT_SAMPLES = 16
 
 
 def model_alpha_c(description: MachineDescription, rf_frequency_hz: float) -> float:
@@ -46,7 +48,7 @@ def measure_dispersion(
     dp: float | None = None,
     n_steps: int = 2,
     order: int = 1,
-    n_samples: int = 3,
+    n_samples: int = DEFAULT_SAMPLES,
     bpm_select: Any = None,
     alpha_c: float | None = None,
     timeout: float = 10.0,
@@ -60,6 +62,15 @@ def measure_dispersion(
     polynomial of ``order`` 1 (or 2, to separate the second-order dispersion) is fitted per BPM
     through the orbit against ``dp``.
 
+    Noise budget (``accplans.physics.dispersion_standard_error``): with BPM noise ``sigma`` per
+    frame, the fitted dispersion has the standard error ``sigma / sqrt(n_samples sum dp_i^2)``
+    (linear fit). The defaults (``+-1e-3`` in 2 steps per sign, 16 frames per point: 5
+    points, 80 frames) give 0.16 mm for 1 um of noise, 0.20 % of the 80 mm peak Dx of EBS:
+    the largest error over its 320 BPMs stays below 1 % of the peak (5 standard errors) but
+    in about 1 scan in 10000. With 3 frames per point it was 0.37 mm (0.45 %; 1.4 % of the
+    peak at the worst BPM). The scan takes 10-12 s on the EBS twin (a real machine: 80
+    frames at its BPM rate plus 5 RF settlings).
+
     A measurement plan: it changes only the RF frequency and restores it on success, failure,
     abort and stop. Every frequency is checked against the RF limits before the first move.
 
@@ -70,7 +81,7 @@ def measure_dispersion(
             limits allow (with a 10 % margin) when smaller.
         n_steps: steps per sign (>= 1; 2 or more to check linearity).
         order: polynomial order of the fit (1 or 2; 2 needs ``n_steps >= 1`` per sign).
-        n_samples: orbit frames averaged per point.
+        n_samples: orbit frames averaged per point (see the noise budget above).
         bpm_select: BPMs to record (names, indices or a mask); all by default.
         alpha_c: momentum compaction used to turn frequency steps into ``dp``; by default the
             online model's at the starting frequency (computed in the worker process).

@@ -182,7 +182,8 @@ def correct_orbit(
             1 mm of dispersion error like 50 um of orbit. On the EBS twin with 100 urad
             quadrupole rolls and 30 um vertical sextupole offsets it cuts the true vertical
             dispersion 5-9x in three iterations with the orbit still within 14 um (x) and
-            7 um (y) rms; a larger weight cuts more and lets the vertical orbit grow.
+            8 um (y) rms (``benchmarks/dispersion.py``); a larger weight cuts more and lets
+            the vertical orbit grow.
         dispersion_planes: the dispersion rows used: ``"y"`` (default: the vertical
             dispersion, which BPM gain errors do not bias the way they bias Dx), ``"x"`` or
             ``"xy"``.
@@ -299,9 +300,15 @@ def correct_orbit(
         nrow = matrix.shape[0]
         d_matrix = d_error = None
         if measured_d is not None:
-            # the dispersion rows: w * (D - D_model) and w * R_D, below the orbit rows
+            # the dispersion rows: w * (D - D_model) and w * R_D, below the orbit rows. The
+            # model has none of the errors the correctors compensate: at their setpoints it
+            # would carry the opposite of the machine's error orbit (0.5 mm rms on the EBS
+            # twin) through its sextupoles, and predict a coupled, wrong dispersion. The
+            # target and the response are the model's with the correctors at zero kick, the
+            # machine the correction aims at.
+            ideal = _without_kicks(description, hardware, all_names)
             r_d, d_model = yield from compute(
-                dispersion_response, description, hardware, bpm_names, col_names
+                dispersion_response, description, ideal, bpm_names, col_names
             )
             w = float(dispersion_weight)
             d_error = w * (measured_d - d_model)
@@ -382,6 +389,18 @@ def correct_orbit(
         return (yield from restore_on_exit(run(), moved, snapshot, policy="correction"))
 
     return (yield from plan())
+
+
+def _without_kicks(
+    description: MachineDescription, hardware: Mapping[str, float], correctors: Sequence[str]
+) -> dict[str, float]:
+    """``hardware`` with ``correctors`` at the hardware value of a zero kick."""
+    ideal = dict(hardware)
+    for name in correctors:
+        calibration = description.device(name).calibration
+        zero = 0.0 if calibration is None else float(calibration.to_hardware(0.0))
+        ideal[name] = zero
+    return ideal
 
 
 def _check_response(

@@ -1,9 +1,9 @@
-"""``correct_rf_frequency``: the RF frequency that matches the ring's true circumference."""
+"""``correct_rf_frequency``: the RF frequency that centres the beam energy."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
@@ -21,7 +21,30 @@ from ._safety import check_hardware_limits, description_of, restore_on_exit, tak
 from ._stubs import read_orbit_frame, set_and_settle
 from ._worker import compute
 
-__all__ = ["correct_rf_frequency", "rf_frequency_step", "rf_fit_response"]
+__all__ = ["RfFitResponse", "correct_rf_frequency", "rf_fit_response", "rf_frequency_step"]
+
+#: Default Tikhonov parameter, relative to the largest singular value of the response (the
+#: same default as ``correct_orbit``).
+DEFAULT_RELATIVE_ALPHA = 1e-3
+
+
+class RfFitResponse(NamedTuple):
+    """The model responses :func:`rf_frequency_step` fits the orbit with.
+
+    Attributes:
+        matrix: (nbpm, ncorr) horizontal orbit response at fixed beam energy (m/rad).
+        rf_column: (nbpm,) horizontal orbit response to the RF frequency (m/Hz): the
+            dispersion times ``-1 / (f alpha_c)``.
+        largest_singular_value: of ``matrix`` (m/rad).
+        alpha_c: momentum compaction factor of the model.
+        rf_frequency: RF frequency of the model (Hz).
+    """
+
+    matrix: np.ndarray
+    rf_column: np.ndarray
+    largest_singular_value: float
+    alpha_c: float
+    rf_frequency: float
 
 
 def rf_fit_response(
@@ -29,25 +52,46 @@ def rf_fit_response(
     hardware: Mapping[str, float],
     bpm_names: Sequence[str],
     corrector_names: Sequence[str],
-) -> tuple[np.ndarray, np.ndarray]:
-    """The model's horizontal ORM (m/rad, x rows) and RF column (m/Hz) (a worker job)."""
+) -> RfFitResponse:
+    """The model's horizontal ORM at fixed beam energy and its RF column (a worker job).
+
+    The online model's ORM is at a fixed RF frequency: a kick ``theta`` at a place of
+    dispersion ``D_k`` lengthens the orbit by ``D_k theta``, so at a fixed orbit length the
+    energy moves by ``-D_k theta / (alpha_c C)`` and the orbit by that times the dispersion.
+    Adding that term back, ``R_E = R_f + D_bpm D_k^T / (alpha_c C)``, gives the response at
+    fixed energy (``D_k`` averaged over the corrector's element; within 1e-6 of pyAT's
+    ``find_orbit4(dp=0)`` differences on EBS).
+    """
     model = OnlineModel(description)
     model.set_hardware(dict(hardware))
     response = model.orm(list(bpm_names), list(corrector_names), rf=True)
     assert response.rf_column is not None
     n = len(bpm_names)
-    return response.matrix[:n], response.rf_column[:n]
+    elements = np.array([description.device(c).elements[0] for c in corrector_names], np.int64)
+    if elements.size:
+        d = np.asarray(model.optics(np.concatenate([elements, elements + 1])).dispersion)[:, 0]
+        d_kick = 0.5 * (d[: elements.size] + d[elements.size :])
+    else:
+        d_kick = np.zeros(0)
+    d_bpm = model.dispersion(list(bpm_names))[:n]
+    alpha_c = float(model.alpha_c)
+    matrix = response.matrix[:n] + np.outer(d_bpm, d_kick) / (
+        alpha_c * float(model.lattice.circumference)
+    )
+    largest = float(np.linalg.norm(matrix, 2)) if matrix.size else 0.0
+    return RfFitResponse(matrix, response.rf_column[:n], largest, alpha_c, model.rf_frequency)
 
 
 def rf_frequency_step(
     matrix: np.ndarray, rf_column: np.ndarray, orbit_x: np.ndarray, alpha: float
 ) -> float:
-    """RF step (Hz) of the dispersive component of ``orbit_x`` (m) (a worker job).
+    """RF step (Hz) that removes the energy offset seen in ``orbit_x`` (m) (a worker job).
 
-    Fits ``orbit_x = R dtheta + rf_column df`` (Tikhonov, ``alpha`` in m/rad) and returns the
-    step ``-df`` that removes the dispersive component. ``R`` is the ORM at a fixed RF
-    frequency, whose kicks keep the orbit length: the RF unknown carries the orbit's path
-    length ``-(C/f) df``, i.e. the difference between ``h c / f`` and the true circumference.
+    Fits ``orbit_x = R_E dtheta + rf_column c`` (Tikhonov, ``alpha`` in m/rad), ``R_E`` the
+    response at fixed energy (:func:`rf_fit_response`): the RF term is then the dispersive
+    orbit of the beam's energy offset ``delta = c / (-f alpha_c)``, and the returned step
+    ``-c`` brings ``delta`` to 0 (the correctors keep their strengths). The kicks absorb the
+    rest of the orbit.
     """
     ok = np.isfinite(orbit_x)
     weights = ok.astype(float)
@@ -67,7 +111,7 @@ def correct_rf_frequency(
     hcorr: SettableFamily,
     rf: SettableFamily,
     *,
-    alpha: float = 1.0,
+    alpha: float | None = None,
     bpm_select: Any = None,
     iterations: int = 3,
     tolerance_hz: float = 0.1,
@@ -77,15 +121,31 @@ def correct_rf_frequency(
     timeout: float = 10.0,
     md: dict | None = None,
 ) -> MsgGenerator[str]:
-    """Set the RF frequency so that the beam's orbit has no dispersive component.
+    """Set the RF frequency that centres the beam energy (zero energy offset).
 
-    "Centred" here means: the RF frequency ``f = h c / L`` whose orbit length ``L`` is the
-    ring's true circumference, so the correctors and errors, not an energy offset, carry the
-    orbit. It is found from the dispersive orbit component: the horizontal orbit (averaged
-    over ``n_samples`` fresh frames) is fitted by the online model's horizontal ORM at a
-    fixed RF frequency plus its RF column (Tikhonov), and the RF frequency is stepped by the
-    fitted RF term; repeated until a step is below ``tolerance_hz``. The correctors do not
-    move (``hcorr`` gives the model its setpoints).
+    The beam's energy offset ``delta`` shows in the horizontal orbit as ``D delta`` (``D`` the
+    dispersion). The orbit, averaged over ``n_samples`` fresh frames, is fitted by the online
+    model's horizontal orbit response at fixed energy plus the dispersive orbit of an RF step
+    (Tikhonov): the kicks absorb the orbit the magnets and errors make, the RF term the
+    energy offset. The RF frequency is stepped by ``f alpha_c delta``, which brings the
+    energy offset to 0 with the correctors unchanged; repeated until a step is below
+    ``tolerance_hz``. The correctors do not move (``hcorr`` gives the model its setpoints).
+
+    This is not ``h c / (C + dL)``, the frequency whose orbit length is the true
+    circumference ``C + dL``: a closed orbit with kicks ``theta_k`` (correctors and errors)
+    where the dispersion is ``D_k`` is ``sum D_k theta_k`` longer than the circumference at
+    zero energy offset, so the centred frequency is ``h c / (C + dL + sum D_k theta_k)``.
+    On EBS after an orbit correction the two differ by 2 to 5 Hz with the benchmark's errors;
+    a fit at fixed RF frequency aims at the latter (and lands 20-28 Hz from the energy-centred
+    frequency on an uncorrected orbit, from the path length of the kicks it fits).
+
+    Correct the orbit first. The part of the error orbit along the dispersion that the
+    correctors cannot make (mostly from misaligned quadrupoles) looks like an energy offset
+    to the BPMs: on the EBS twin the result is 0.5-3 Hz from the energy-centred frequency
+    after an orbit correction, 1.2-3.3 Hz without one, and no estimator from the BPM
+    readings can do better than 1.4 Hz rms there (``benchmarks/rf_energy_limit.py``,
+    docs/how-to/correct-rf-frequency.md). A change of the circumference is followed to
+    0.1 Hz.
 
     A correction plan: on success it keeps the new frequency, on ``RE.stop()`` the last
     completed step; on a failure or an abort it restores the RF frequency. Every step is
@@ -95,7 +155,8 @@ def correct_rf_frequency(
         bpms: the BPM family (an orbit source).
         hcorr: the horizontal correctors (read, not moved: the model's setpoints).
         rf: the RF device (Hz).
-        alpha: Tikhonov parameter of the fit (m/rad).
+        alpha: Tikhonov parameter of the fit (m/rad); by default ``DEFAULT_RELATIVE_ALPHA``
+            (1e-3) times the largest singular value of the response at fixed energy.
         bpm_select: BPMs used (names, indices or a mask); all by default.
         iterations: most RF steps.
         tolerance_hz: stop when the next step is smaller (Hz).
@@ -108,12 +169,13 @@ def correct_rf_frequency(
 
     Returns:
         The uid of the run: a ``baseline`` event (starting orbit) and one ``primary`` event
-        per step (the step and the frequency in Hz, the horizontal orbit in m).
+        per step (the step and the frequency in Hz, the energy offset it removed, the
+        horizontal orbit in m).
     """
     description = description_of(bpms, hcorr, rf)
     if iterations < 1 or n_samples < 1:
         raise ValueError("correct_rf_frequency: iterations and n_samples must be >= 1")
-    if not np.isfinite(alpha) or alpha < 0:
+    if alpha is not None and (not np.isfinite(alpha) or alpha < 0):
         raise ValueError(f"correct_rf_frequency: alpha must be finite and >= 0, got {alpha!r}")
     if not 0 < gain <= 1:
         raise ValueError(f"correct_rf_frequency: gain must be in (0, 1], got {gain!r}")
@@ -158,12 +220,17 @@ def correct_rf_frequency(
         low, high = (float(v[0]) for v in rf.limits())
         largest = 0.25 * (high - low) if max_step_hz is None else float(max_step_hz)
         hardware = {k: v for fam in model_state.setpoints.values() for k, v in fam.items()}
-        matrix, rf_column = yield from compute(
+        response = yield from compute(
             rf_fit_response, description, hardware, bpm_names, list(hcorr.names)
+        )
+        fit_alpha = (
+            DEFAULT_RELATIVE_ALPHA * response.largest_singular_value if alpha is None else alpha
         )
         orbit_record = Record("orbit", {"x": np.zeros(n)}, {"x": "m"}, source=bpms.name)
         step_record = Record(
-            "rf", {"iteration": 0, "step": 0.0, "frequency": f0}, {"step": "Hz", "frequency": "Hz"}
+            "rf",
+            {"iteration": 0, "step": 0.0, "frequency": f0, "energy_offset": 0.0, "alpha": 0.0},
+            {"step": "Hz", "frequency": "Hz", "alpha": "m/rad"},
         )
 
         @bpp.run_decorator(md=_md)
@@ -175,7 +242,10 @@ def correct_rf_frequency(
             yield from bps.save()
             frequency = f0
             for k in range(iterations):
-                step = gain * (yield from compute(rf_frequency_step, matrix, rf_column, x, alpha))
+                full = yield from compute(
+                    rf_frequency_step, response.matrix, response.rf_column, x, fit_alpha
+                )
+                step = gain * full
                 if abs(step) < tolerance_hz:
                     break
                 if abs(step) > largest:
@@ -190,7 +260,13 @@ def correct_rf_frequency(
                 x = yield from measure_x(settled)
                 yield from bps.create("primary")
                 yield from bps.read(
-                    step_record.update(iteration=k + 1, step=step, frequency=frequency)
+                    step_record.update(
+                        iteration=k + 1,
+                        step=step,
+                        frequency=frequency,
+                        energy_offset=full / (frequency * response.alpha_c),
+                        alpha=fit_alpha,
+                    )
                 )
                 yield from bps.read(orbit_record.update(x=x))
                 yield from bps.save()
