@@ -47,9 +47,13 @@ from accplans.config import MachineDescription, build_lattice
 from accplans.data import Result
 from accplans.devices import Machine, SettableFamily
 from accplans.plans import (
+    bba,
+    correct_chromaticity,
     correct_orbit,
     correct_rf_frequency,
+    correct_tunes,
     load_optics,
+    measure_chromaticity,
     measure_dispersion,
     measure_orm,
     orbit_bump,
@@ -256,6 +260,73 @@ def _orbit_bump(machine: Machine) -> Built:
     return plan, families
 
 
+@register("bba", fault_after_sets=(2, 5), fault_after_events=2, reads_orbit=True)
+def _bba(machine: Machine) -> Built:
+    """BBA of BPM005 and BPM006, 4 bump amplitudes up to 0.1 mm: each set (bumps, quadrupole
+    at +dK or -dK) is followed by one reading; sets 1-8 are BPM005's scan."""
+    families: list[SettableFamily] = [machine.quadrupoles, machine.hcorr, machine.vcorr]
+    plan = bba(
+        machine.bpms,
+        machine.quadrupoles,
+        machine.hcorr,
+        machine.vcorr,
+        select=["BPM005", "BPM006"],
+        n_positions=4,
+        span_m=100e-6,
+        n_samples=1,
+        timeout=5,
+    )
+    return plan, families
+
+
+@register("measure_chromaticity", fault_after_sets=(2, 4), fault_after_events=2, reads_orbit=True)
+def _measure_chromaticity(machine: Machine) -> Built:
+    """Four RF frequency steps (two of each sign), one event per step; a lost beam reads
+    (0, 0) on the tune monitor (BeamLost)."""
+    assert machine.rf is not None and machine.tune is not None
+    families: list[SettableFamily] = [machine.rf]
+    plan = measure_chromaticity(machine.tune, machine.rf, n_steps=2, n_samples=2, timeout=5)
+    return plan, families
+
+
+@register("correct_tunes", fault_after_sets=(2,), fault_after_events=1, reads_orbit=True)
+def _correct_tunes(machine: Machine) -> Built:
+    """Three knob steps at gain 0.5 toward tunes 0.01 away (never within the 1e-6
+    tolerance): one set (the quadrupoles) and one event per step. Needs the fault tests to
+    compare the quadrupoles (they do: tests/plans/helpers.py machine_setpoints)."""
+    assert machine.tune is not None
+    families: list[SettableFamily] = [machine.quadrupoles]
+    plan = correct_tunes(
+        machine.tune,
+        machine.quadrupoles,
+        target=[0.42, 0.655],
+        gain=0.5,
+        tolerance=1e-6,
+        iterations=3,
+        n_samples=2,
+        timeout=5,
+    )
+    return plan, families
+
+
+@register("correct_chromaticity", fault_after_sets=(2,), fault_after_events=2, reads_orbit=True)
+def _correct_chromaticity(machine: Machine) -> Built:
+    """Sets 1-4 step the RF frequency (the first scan), set 5 returns it, set 6 applies the
+    sextupole knobs; one event per set."""
+    assert machine.rf is not None and machine.tune is not None
+    families: list[SettableFamily] = [machine.sextupoles, machine.rf]
+    plan = correct_chromaticity(
+        machine.tune,
+        machine.rf,
+        machine.sextupoles,
+        target=[1.5, 0.5],
+        iterations=2,
+        n_samples=2,
+        timeout=5,
+    )
+    return plan, families
+
+
 # -- faults ---------------------------------------------------------------------------------
 class InjectedFault(RuntimeError):
     """The failure :func:`fail_after_sets` throws into a plan."""
@@ -350,11 +421,13 @@ class AfterEvents:
 
 
 def twin_setpoints(twin: TwinProcess, description: MachineDescription) -> dict[str, np.ndarray]:
-    """Corrector and RF setpoints (A, Hz) as the twin serves them, through its own control
-    client (callable from any thread, the RunEngine's included)."""
+    """Corrector, RF, quadrupole and sextupole setpoints (A, Hz) as the twin serves them,
+    through its own control client (callable from any thread, the RunEngine's included)."""
     pvs = {
         "hcorr": description.families["hcorr"].pvs["setpoint"],
         "vcorr": description.families["vcorr"].pvs["setpoint"],
         "RF": description.device("RF").pvs["frequency_setpoint"],
+        "quadrupoles": description.families["quadrupoles"].pvs["setpoint"],
+        "sextupoles": description.families["sextupoles"].pvs["setpoint"],
     }
     return {k: np.atleast_1d(np.asarray(twin.control.get(pv), float)) for k, pv in pvs.items()}

@@ -90,9 +90,12 @@ def hardware_setpoints(families: Sequence[SettableFamily]) -> dict[str, np.ndarr
 
 
 def machine_setpoints(machine: Machine) -> dict[str, np.ndarray]:
-    """Setpoints of every family a plan of these tests may move: correctors and RF."""
+    """Setpoints of every family a plan of these tests may move: correctors, RF, quadrupoles
+    and sextupoles."""
     assert machine.rf is not None
-    return hardware_setpoints([machine.hcorr, machine.vcorr, machine.rf])
+    return hardware_setpoints(
+        [machine.hcorr, machine.vcorr, machine.rf, machine.quadrupoles, machine.sextupoles]
+    )
 
 
 def assert_same_setpoints(after: dict[str, np.ndarray], before: dict[str, np.ndarray]) -> None:

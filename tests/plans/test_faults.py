@@ -134,7 +134,12 @@ def test_a_fault_mid_plan_restores_every_setpoint_and_keeps_the_data(
 
 
 def _families(machine: Machine, names: Any) -> list[SettableFamily]:
-    by_name: dict[str, SettableFamily] = {"hcorr": machine.hcorr, "vcorr": machine.vcorr}
+    by_name: dict[str, SettableFamily] = {
+        "hcorr": machine.hcorr,
+        "vcorr": machine.vcorr,
+        "quadrupoles": machine.quadrupoles,
+        "sextupoles": machine.sextupoles,
+    }
     if machine.rf is not None:
         by_name[machine.rf.name] = machine.rf
     return [by_name[n] for n in names]
@@ -165,12 +170,14 @@ def test_a_twin_killed_mid_plan_leaves_a_pending_restore_that_applies_later(
     with run_twin(yaml, errors=False, noise=False, ports=twin_ports) as twin:
         machine = connect_to(twin, small)
         # start away from the design setpoints, so that the new twin's differ from them
-        moved = _families(machine, ["hcorr", "vcorr", "RF"])
+        moved = _families(machine, ["hcorr", "vcorr", "RF", "quadrupoles", "sextupoles"])
         start = machine_setpoints(machine)
         rng = np.random.default_rng(7)
         start["hcorr"] = np.round(rng.uniform(-1, 1, start["hcorr"].size), 3)
         start["vcorr"] = np.round(rng.uniform(-1, 1, start["vcorr"].size), 3)
         start["RF"] = start["RF"] + 50.0
+        for magnets in ("quadrupoles", "sextupoles"):  # 0.1 % off design, within limits
+            start[magnets] = start[magnets] * (1 + 1e-3 * rng.uniform(-1, 1, start[magnets].size))
         run_engine(_set_hardware(moved, start))
         before = machine_setpoints(machine)
         assert_same_setpoints(before, start)

@@ -32,7 +32,17 @@ from ._models import (
     MachineInfo,
     SectionSpec,
 )
-from ._pvs import FEEDBACK_PVS, device_pvs, family_pvs, feedback_pvs, machine_pvs
+from ._pvs import (
+    FEEDBACK_PVS,
+    PINGER_PVS,
+    TBT_PVS,
+    device_pvs,
+    family_pvs,
+    feedback_pvs,
+    machine_pvs,
+    pinger_pvs,
+    tbt_pvs,
+)
 
 __all__ = [
     "FEEDBACK_PVS",
@@ -65,6 +75,10 @@ __all__ = [
     "load_description",
     "load_lattice",
     "machine_pvs",
+    "PINGER_PVS",
+    "TBT_PVS",
+    "pinger_pvs",
+    "tbt_pvs",
     "magnetic_rigidity",
     "parse_field",
     "prepare_lattice",

@@ -16,13 +16,27 @@ dcct         ``CURRENT`` (mA), ``LIFETIME`` (h)
 tune         ``X``, ``Y`` (fractional tunes)
 =========== ===================================== ==============================
 
+Turn-by-turn buffers and the pinger are not in the description (yet): their PVs follow
+:data:`TBT_PVS` under ``<prefix><FAMILY>:TBT:`` (per BPM family) and :data:`PINGER_PVS` under
+``<prefix>PINGER:`` (:func:`tbt_pvs`, :func:`pinger_pvs`).
+
 A facility's description may use any PV names; only the twin requires this scheme (it serves
 the PVs a description names, so any description the twin can serve follows it).
 """
 
 from __future__ import annotations
 
-__all__ = ["FEEDBACK_PVS", "device_pvs", "family_pvs", "feedback_pvs", "machine_pvs"]
+__all__ = [
+    "FEEDBACK_PVS",
+    "PINGER_PVS",
+    "TBT_PVS",
+    "device_pvs",
+    "family_pvs",
+    "feedback_pvs",
+    "machine_pvs",
+    "pinger_pvs",
+    "tbt_pvs",
+]
 
 _DEVICE = {
     "bpm": {"x": "X", "y": "Y", "valid": "VALID"},
@@ -100,3 +114,35 @@ FEEDBACK_PVS: dict[str, tuple[str, str, str, str]] = {
 def feedback_pvs(prefix: str) -> dict[str, str]:
     """PV names of the orbit feedback service whose PV prefix is ``prefix`` (e.g. ``SR:SOFB:``)."""
     return {sig: f"{prefix}{spec[0]}" for sig, spec in FEEDBACK_PVS.items()}
+
+
+#: Turn-by-turn PVs of a BPM family, under ``<prefix><FAMILY>:TBT:``:
+#: ``{signal: (suffix, record, unit, meaning)}``. ``X``/``Y`` hold ``n_bpm * NTURNS`` values,
+#: BPM-major (the turns of the first BPM, then of the second, ...).
+TBT_PVS: dict[str, tuple[str, str, str, str]] = {
+    "x": ("X", "waveform", "mm", "horizontal TbT buffers, BPM-major"),
+    "y": ("Y", "waveform", "mm", "vertical TbT buffers, BPM-major"),
+    "turns": ("TURNS", "longout", "", "turns to acquire at the next shot (write)"),
+    "nturns": ("NTURNS", "longin", "", "turns in the present buffers"),
+    "counter": ("COUNTER", "longin", "", "increments when new buffers are published"),
+    "timestamp": ("TIME", "ai", "s", "epoch of the shot the buffers hold"),
+}
+
+#: PVs of the pinger (a kicker of both planes), under ``<prefix>PINGER:``.
+PINGER_PVS: dict[str, tuple[str, str, str, str]] = {
+    "kick_x": ("KICK_X", "ao", "urad", "horizontal kick of the next shot (write)"),
+    "kick_y": ("KICK_Y", "ao", "urad", "vertical kick of the next shot (write)"),
+    "kick_max": ("KICK_MAX", "ai", "urad", "largest |kick| the pinger accepts"),
+    "fire": ("FIRE", "longout", "", "write 1: kick now (completes once the kick is fired)"),
+    "busy": ("BUSY", "longin", "", "1 while the buffers of the last shot are being acquired"),
+}
+
+
+def tbt_pvs(prefix: str, family: str) -> dict[str, str]:
+    """Turn-by-turn PV names of BPM family ``family``."""
+    return {sig: f"{prefix}{family.upper()}:TBT:{spec[0]}" for sig, spec in TBT_PVS.items()}
+
+
+def pinger_pvs(prefix: str) -> dict[str, str]:
+    """PV names of the pinger of the machine whose prefix is ``prefix``."""
+    return {sig: f"{prefix}PINGER:{spec[0]}" for sig, spec in PINGER_PVS.items()}

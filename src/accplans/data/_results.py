@@ -361,6 +361,73 @@ register_result_kind(
 )
 
 
+def _check_tunes(values: Mapping[str, Any]) -> None:
+    tunes = np.asarray(values["tunes"], float)
+    if tunes.shape != (2,) or not np.all(np.isfinite(tunes)):
+        raise ValueError("'tunes' must be two finite fractional tunes (x, y)")
+
+
+register_result_kind(
+    ResultSchema(
+        kind="tunes",
+        version=1,
+        description=(
+            "Fractional betatron tunes (x, y) averaged over n_samples readings (plans "
+            "measure_tunes, correct_tunes), with the spread of one reading and of the mean."
+        ),
+        fields={
+            "tunes": FieldSpec("", "(plane,)"),
+            "std": FieldSpec("", "(plane,)"),
+            "std_mean": FieldSpec("", "(plane,)"),
+            "n_samples": FieldSpec("", "()", "int"),
+            "method": FieldSpec("", "()", "str", choices=("monitor", "tbt")),
+            "target": FieldSpec("", "(plane,)", optional=True),
+        },
+        check=_check_tunes,
+    )
+)
+
+
+def _check_chromaticity(values: Mapping[str, Any]) -> None:
+    dp = np.asarray(values["dp"], float)
+    if not np.all(np.isfinite(dp)) or np.unique(dp).size < 2:
+        raise ValueError("'dp' must be finite with at least two distinct values")
+
+
+register_result_kind(
+    ResultSchema(
+        kind="chromaticity",
+        version=1,
+        description=(
+            "Unnormalized chromaticity xi = dQ/d(dp/p) (x, y) from the tunes measured along an "
+            "RF-frequency scan: 'chromaticity' is the fit of order 'order'; the linear and "
+            "quadratic fits Q = q0 + xi dp (+ xi2 dp^2) are both kept with their standard errors "
+            "(from the residuals)."
+        ),
+        fields={
+            "chromaticity": FieldSpec("", "(plane,)"),
+            "std_chromaticity": FieldSpec("", "(plane,)"),
+            "order": FieldSpec("", "()", "int"),
+            "linear": FieldSpec("", "(plane,)"),
+            "std_linear": FieldSpec("", "(plane,)"),
+            "quadratic": FieldSpec("", "(plane,)", optional=True),
+            "std_quadratic": FieldSpec("", "(plane,)", optional=True),
+            "second_order": FieldSpec("", "(plane,)", optional=True),
+            "std_second_order": FieldSpec("", "(plane,)", optional=True),
+            "tunes_at_zero": FieldSpec("", "(plane,)"),
+            "dp": FieldSpec("", "(npoints,)"),
+            "tunes_x": FieldSpec("", "(npoints,)"),
+            "tunes_y": FieldSpec("", "(npoints,)"),
+            "rf_steps": FieldSpec("Hz", "(npoints,)"),
+            "rf_frequency": FieldSpec("Hz", "()"),
+            "alpha_c": FieldSpec("", "()"),
+            "target": FieldSpec("", "(plane,)", optional=True),
+        },
+        check=_check_chromaticity,
+    )
+)
+
+
 def result_schema(kind: str) -> ResultSchema:
     """The registered schema of ``kind``.
 

@@ -51,6 +51,7 @@ from ._numpy_printing import summarise_long_arrays
 from ._ophyd_v1 import OphydV1MagnetFamily, OphydV1OrbitSource
 from ._protocols import Arbiter, OrbitFrame, OrbitSource, SettableFamily, call_async
 from ._select import Select, resolve_select
+from ._tbt import Pinger, TbtBuffers, TbtData
 
 summarise_long_arrays()  # ophyd-async formats every array value it logs: see _numpy_printing
 
@@ -63,6 +64,9 @@ __all__ = [
     "FeedbackClient",
     "default_feedback_prefix",
     "Bpm",
+    "Pinger",
+    "TbtBuffers",
+    "TbtData",
     "BpmFamily",
     "CalibratedMovable",
     "Corrector",

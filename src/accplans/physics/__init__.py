@@ -1,5 +1,6 @@
 """Pure numerics of accelerator physics: no pyAT, no I/O, SI units."""
 
+from ._bba import BbaFit, combine_bba_planes, fit_bba_center
 from ._bumps import BumpError, BumpSolution, bump_kicks, bump_span, nearest_correctors
 from ._correction import CorrectionResult, correction_matrix, micado, solve_correction
 from ._dispersion import (
@@ -24,8 +25,34 @@ from ._fofb import (
 )
 from ._loco import LocoFit, LocoModelData, compensate_gradients, fit_loco, loco_forward
 from ._orm import chi2_per_dof, orbit_statistics, orm_from_bipolar, orm_relative_difference
+from ._tbt import (
+    BadBpms,
+    TbtOptics,
+    amplitude_outliers,
+    analyze_tbt,
+    beta_beating,
+    beta_from_phase,
+    find_bad_bpms,
+    phase_advances,
+    tbt_phases,
+    tbt_tunes,
+    zero_amplitude_tunes,
+)
+from ._tunes import (
+    ChromaticityFit,
+    KnobSolution,
+    TuneAverage,
+    average_tunes,
+    fit_chromaticity,
+    solve_knobs,
+    unwrap_tunes,
+    wrap_tune,
+)
 
 __all__ = [
+    "BbaFit",
+    "combine_bba_planes",
+    "fit_bba_center",
     "BumpError",
     "BumpSolution",
     "bump_kicks",
@@ -62,4 +89,23 @@ __all__ = [
     "orm_from_bipolar",
     "orm_relative_difference",
     "solve_correction",
+    "BadBpms",
+    "TbtOptics",
+    "amplitude_outliers",
+    "analyze_tbt",
+    "beta_beating",
+    "beta_from_phase",
+    "find_bad_bpms",
+    "phase_advances",
+    "tbt_phases",
+    "tbt_tunes",
+    "zero_amplitude_tunes",
+    "ChromaticityFit",
+    "KnobSolution",
+    "TuneAverage",
+    "average_tunes",
+    "fit_chromaticity",
+    "solve_knobs",
+    "unwrap_tunes",
+    "wrap_tune",
 ]

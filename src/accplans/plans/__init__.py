@@ -14,7 +14,9 @@ from ._safety import (
 from ._stubs import BeamLost, read_orbit_frame, set_and_settle, set_family_hardware
 from ._suspenders import BeamCurrentSuspender, beam_suspender_installed
 from ._worker import compute, shutdown_workers
+from .bba import bba, bba_knobs
 from .bumps import orbit_bump, remove_bump
+from .chromaticity import correct_chromaticity, measure_chromaticity
 from .dispersion import measure_dispersion
 from .feedback import orbit_feedback
 from .fofb import design_fofb, export_fofb_matrices, plot_fofb_design, read_fofb_matrices
@@ -26,9 +28,13 @@ from .restore import restore_setpoints
 from .rf_frequency import correct_rf_frequency
 from .snapshots import load_snapshot, save_setpoints, settable_families
 from .standardize import standardize_magnets
+from .tbt import measure_tbt
+from .tunes import correct_tunes, measure_tunes
 
 __all__ = [
     "PLANS",
+    "bba",
+    "bba_knobs",
     "BeamCurrentSuspender",
     "BeamLost",
     "beam_suspender_installed",
@@ -53,6 +59,7 @@ __all__ = [
     "measure_dispersion",
     "measure_orbit",
     "measure_orm",
+    "measure_tbt",
     "orbit_bump",
     "remove_bump",
     "orbit_feedback",
@@ -69,4 +76,8 @@ __all__ = [
     "set_family_hardware",
     "shutdown_workers",
     "take_snapshot",
+    "correct_chromaticity",
+    "correct_tunes",
+    "measure_chromaticity",
+    "measure_tunes",
 ]

@@ -22,9 +22,11 @@ from typing import Any
 
 from bluesky_queueserver import parameter_annotation_decorator
 
-from accplans.devices import OrbitSource, SettableFamily
+from accplans.devices import OrbitSource, SettableFamily, TuneMonitor
 
+from .bba import bba
 from .bumps import orbit_bump
+from .chromaticity import correct_chromaticity, measure_chromaticity
 from .dispersion import measure_dispersion
 from .feedback import orbit_feedback
 from .fofb import design_fofb
@@ -36,6 +38,7 @@ from .restore import restore_setpoints
 from .rf_frequency import correct_rf_frequency
 from .snapshots import save_setpoints
 from .standardize import standardize_magnets
+from .tunes import correct_tunes, measure_tunes
 
 __all__ = ["PLANS", "queueserver_plans"]
 
@@ -53,9 +56,15 @@ PLANS: tuple[Callable[..., Any], ...] = (
     orbit_bump,
     design_fofb,
     correct_rf_frequency,
+    bba,
+    measure_tunes,
+    correct_tunes,
+    measure_chromaticity,
+    correct_chromaticity,
 )
 
 _LISTS = {OrbitSource: "OrbitSources", SettableFamily: "Families"}
+_LISTS[TuneMonitor] = "TuneMonitors"
 
 
 def _arg_descriptions(doc: str | None) -> dict[str, str]:

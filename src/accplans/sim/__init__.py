@@ -6,6 +6,7 @@ child process on loopback for tests and the demo. Nothing but the CLI and tests 
 package: plans talk to the twin over EPICS, as to a real machine.
 """
 
+from ._bba_truth import bba_truth
 from ._cli import add_twin_commands, serve_main
 from ._errors import ErrorModel, TwinErrors, bpm_readings, draw_errors
 from ._ioc import IocSettings, TwinIoc
@@ -18,11 +19,15 @@ from ._process import (
     reserve_ports,
     run_twin,
 )
+from ._tbt import BAD_BPM_KINDS, TbtSettings
 from ._truth import Truth, load_truth
 from ._twin import BeamSettings, Frame, Twin
 
 __all__ = [
+    "bba_truth",
+    "BAD_BPM_KINDS",
     "BeamSettings",
+    "TbtSettings",
     "ErrorModel",
     "Frame",
     "IocSettings",

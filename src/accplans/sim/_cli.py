@@ -67,6 +67,9 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--current", type=float, default=200.0, help="current after refill (mA)")
     p.add_argument("--lifetime", type=float, default=10.0, help="beam lifetime (h)")
     p.add_argument("--aperture", type=float, default=10.0, help="physical aperture radius (mm)")
+    p.add_argument("--tbt-turns", type=int, default=1024, help="default TbT buffer length")
+    p.add_argument("--tbt-max-turns", type=int, default=2048, help="longest TbT buffer")
+    p.add_argument("--tbt-noise", type=float, default=10.0, help="TbT noise per turn (um rms)")
     p.add_argument("--export-dir", default=None, help="directory of EXPORT with an empty path")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
@@ -110,6 +113,8 @@ def _die_with_parent(parent: int) -> None:
 def _environment(args: argparse.Namespace) -> None:
     for key, value in _SERVER_LOOPBACK.items():
         os.environ.setdefault(key, value)
+    # turn-by-turn waveforms (n_bpm * max turns doubles) exceed CA's 16 kB default
+    os.environ.setdefault("EPICS_CA_MAX_ARRAY_BYTES", "20000000")
     if args.ca_port is not None:
         os.environ["EPICS_CA_SERVER_PORT"] = str(args.ca_port)
         os.environ["EPICS_CAS_SERVER_PORT"] = str(args.ca_port)
@@ -159,6 +164,7 @@ def serve_main(args: argparse.Namespace) -> int:
     _environment(args)
 
     from ._ioc import IocSettings, TwinIoc
+    from ._tbt import TbtSettings
     from ._twin import BeamSettings, Twin
 
     try:
@@ -171,6 +177,9 @@ def serve_main(args: argparse.Namespace) -> int:
                 current_ma=args.current, lifetime_h=args.lifetime, aperture_m=args.aperture * 1e-3
             ),
             noise=not args.no_noise,
+            tbt=TbtSettings(
+                turns=args.tbt_turns, max_turns=args.tbt_max_turns, noise_m=args.tbt_noise * 1e-6
+            ),
         )
         settings = IocSettings(
             ramp_rate=args.ramp_rate,

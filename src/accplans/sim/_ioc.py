@@ -23,7 +23,16 @@ Twin controls and truth live under ``TWIN:<machine prefix>`` (no description may
 the startup export directory), ``EXPORT:PATH``, ``EXPORT:ERROR``, ``DCT`` (m), ``TICK_MS``
 (duration of the last tick that recomputed the orbit, ms), and per BPM
 family ``<FAMILY>:OFFSET_X``/``OFFSET_Y`` (mm), ``GAIN_X``/``GAIN_Y``, ``ROLL`` (rad),
-``TRUE_X``/``TRUE_Y`` (true beam position, mm), per corrector family ``<FAMILY>:GAIN_ERR``.
+``TRUE_X``/``TRUE_Y`` (true beam position, mm), per corrector family ``<FAMILY>:GAIN_ERR``,
+and ``BAD_BPM`` (put ``"NAME KIND [VALUE]"``: see ``Twin.set_bad_bpm``; errors on
+``BAD_BPM:ERROR``).
+
+Turn by turn (``accplans.sim._tbt``; PV names from ``accplans.config.tbt_pvs`` and
+``pinger_pvs``): a put of 1 to ``<prefix>PINGER:FIRE`` kicks the beam with ``KICK_X``/``KICK_Y``
+(urad) and completes at once; the shot is tracked in a worker process (the IOC keeps serving)
+and its buffers are published on every BPM family's ``<FAMILY>:TBT:X``/``Y`` (mm, BPM-major,
+``NTURNS`` turns each), then ``TIME`` (epoch of the shot) and, last, ``COUNTER``. A shot fired
+while the previous one is being tracked is refused (``PINGER:BUSY`` is 1).
 """
 
 from __future__ import annotations
@@ -40,8 +49,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from accplans.config import TWIN_PREFIX, DeviceSpec, MachineDescription
+from accplans.config import (
+    TWIN_PREFIX,
+    DeviceSpec,
+    MachineDescription,
+    pinger_pvs,
+    tbt_pvs,
+)
 
+from ._tbt import track_shot
 from ._twin import Frame, Twin
 
 __all__ = ["IocSettings", "TwinIoc"]
@@ -201,6 +217,11 @@ class TwinIoc:
         self._dcct: dict[str, Any] = {}
         self._tune: dict[str, Any] = {}
         self._ctl: dict[str, Any] = {}
+        self._tbt: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+        self._pinger: dict[str, Any] = {}
+        self._tbt_counter = 0
+        self._pool: Any = None
+        self._shot: asyncio.Task[None] | None = None
         self.record_count = 0
         self._reset_channels()
 
@@ -276,6 +297,7 @@ class TwinIoc:
             else:
                 builder.longStringIn(name(pv, where), initial_value=ident, length=len(ident) + 1)
         self._control_records(builder, name)
+        self._tbt_records(builder, name)
         self.record_count = len(created)
         if len(set(created)) != len(created):
             dupes = sorted({n for n in created if created.count(n) > 1})
@@ -513,7 +535,134 @@ class TwinIoc:
             name(tp + "EXPORT:ERROR", where), initial_value="", length=1024
         )
         c["dct"] = builder.aIn(name(tp + "DCT", where), initial_value=0.0, PREC=12, EGU="m")
+        c["bad_bpm"] = builder.longStringOut(
+            name(tp + "BAD_BPM", where),
+            initial_value="",
+            length=1024,
+            always_update=True,
+            blocking=True,
+            on_update=self._on_bad_bpm,
+        )
+        c["bad_bpm_error"] = builder.longStringIn(
+            name(tp + "BAD_BPM:ERROR", where), initial_value="", length=1024
+        )
         c["tick_ms"] = builder.aIn(name(tp + "TICK_MS", where), initial_value=0.0, PREC=3, EGU="ms")
+
+    def _tbt_records(self, builder: Any, name: Callable[[str, str], str]) -> None:
+        """Turn-by-turn buffers of every BPM family and the pinger (module docstring)."""
+        twin = self.twin
+        s = twin.tbt_settings
+        prefix = self.prefix
+        for fname, fam in self.description.families.items():
+            if fam.kind != "bpm":
+                continue
+            where = f"family {fname} (turn by turn)"
+            pos = {n: i for i, n in enumerate(twin.bpm_names)}
+            index = np.array([pos[d] for d in fam.devices], dtype=np.int64)
+            pvs = tbt_pvs(prefix, fname)
+            length = len(index) * s.max_turns
+            rec: dict[str, Any] = {}
+            for sig in ("x", "y"):
+                rec[sig] = builder.WaveformIn(
+                    name(pvs[sig], where), length=length, datatype=float, EGU="mm"
+                )
+            rec["turns"] = builder.longOut(
+                name(pvs["turns"], where),
+                initial_value=s.turns,
+                DRVL=1,
+                DRVH=s.max_turns,
+                always_update=True,
+            )
+            rec["nturns"] = builder.longIn(name(pvs["nturns"], where), initial_value=0)
+            rec["counter"] = builder.longIn(name(pvs["counter"], where), initial_value=0)
+            rec["timestamp"] = builder.aIn(
+                name(pvs["timestamp"], where), initial_value=0.0, PREC=6, EGU="s"
+            )
+            self._tbt[fname] = (index, rec)
+        where = "pinger"
+        pvs = pinger_pvs(prefix)
+        kmax = s.kick_max_rad * 1e6
+        p = self._pinger
+        for sig in ("kick_x", "kick_y"):
+            p[sig] = builder.aOut(
+                name(pvs[sig], where),
+                initial_value=0.0,
+                DRVL=-kmax,
+                DRVH=kmax,
+                PREC=3,
+                EGU="urad",
+                always_update=True,
+                validate=_finite_scalar,
+            )
+        p["kick_max"] = builder.aIn(
+            name(pvs["kick_max"], where), initial_value=kmax, PREC=3, EGU="urad"
+        )
+        p["busy"] = builder.longIn(name(pvs["busy"], where), initial_value=0)
+        p["fire"] = builder.longOut(
+            name(pvs["fire"], where),
+            initial_value=0,
+            always_update=True,
+            blocking=True,
+            validate=self._can_fire,
+            on_update=self._on_fire,
+        )
+
+    def _can_fire(self, _record: Any, value: int) -> bool:
+        if int(value) != 1:
+            return False
+        if self._shot is not None and not self._shot.done():
+            _log.warning("pinger: a shot is still being tracked; FIRE refused")
+            return False
+        return True
+
+    async def _on_fire(self, _value: int) -> None:
+        """Kick now: the machine as it is goes to the worker; the buffers come later."""
+        twin = self.twin
+        turns = min(int(rec["turns"].get()) for _, rec in self._tbt.values()) if self._tbt else 1
+        kick = (self._pinger["kick_x"].get() * 1e-6, self._pinger["kick_y"].get() * 1e-6)
+        now = time.time()
+        request = twin.tbt_request(kick[0], kick[1], turns)
+        self._pinger["busy"].set(1)
+        self._shot = asyncio.get_running_loop().create_task(self._track(request, now))
+
+    async def _track(self, request: Any, shot_time: float) -> None:
+        try:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                # spawn: never fork a process that runs EPICS server threads
+                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self._pool, track_shot, request)
+            x, y = self.twin.tbt_readings(result)
+            self._tbt_counter += 1
+            turns = x.shape[1]
+            for index, rec in self._tbt.values():
+                rec["x"].set((x[index] * 1e3).ravel())
+                rec["y"].set((y[index] * 1e3).ravel())
+                rec["nturns"].set(turns)
+                rec["timestamp"].set(shot_time)
+                rec["counter"].set(self._tbt_counter)
+            if result.lost_turn >= 0:
+                await self._next_tick()
+        except Exception:  # never let a shot kill the IOC
+            _log.exception("pinger shot failed")
+        finally:
+            self._pinger["busy"].set(0)
+
+    async def _on_bad_bpm(self, text: str) -> None:
+        try:
+            words = text.split()
+            if len(words) not in (2, 3):
+                raise ValueError(f"expected 'NAME KIND [VALUE]', got {text!r}")
+            value = float(words[2]) if len(words) == 3 else 0.0
+            self.twin.set_bad_bpm(words[0], words[1], value)
+        except ValueError as exc:
+            self._ctl["bad_bpm_error"].set(f"{exc}"[:1000])
+            return
+        self._ctl["bad_bpm_error"].set("")
+        await self._next_tick()
 
     # -- channels ----------------------------------------------------------------------------
     def _reset_channels(self) -> None:
@@ -742,6 +891,12 @@ class TwinIoc:
             if not w.future.done():
                 w.future.cancel()
         self._waiters.clear()
+        if self._shot is not None:
+            self._shot.cancel()
+            await asyncio.gather(self._shot, return_exceptions=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     async def _tick_loop(self) -> None:
         assert self._dirty is not None

@@ -257,6 +257,20 @@ class TwinControl:
         """Turn BPM and tune noise on or off."""
         self.put(self._ctl("NOISE"), int(bool(on)))
 
+    def set_bad_bpm(self, name: str, kind: str, value: float = 0.0) -> None:
+        """Make BPM ``name`` bad, or good again (``reset`` makes every BPM good).
+
+        ``kind``: ``"dead"``, ``"noisy"`` (value: rms, m), ``"gain"`` (value: factor),
+        ``"swapped"`` (x and y exchanged) or ``"good"``. Applies to its turn-by-turn buffers
+        and closed-orbit readings; exported in the truth (``meta["bad_bpms"]``).
+        """
+        if not name or any(c.isspace() for c in name + kind):
+            raise ValueError(f"set_bad_bpm: bad BPM name or kind {name!r}, {kind!r}")
+        self.put(self._ctl("BAD_BPM"), f"{name} {kind} {float(value)!r}")
+        error = _text(self.get(self._ctl("BAD_BPM:ERROR")))
+        if error:
+            raise ValueError(f"twin: set_bad_bpm({name!r}, {kind!r}, {value!r}): {error}")
+
     def export_truth(self, directory: str | Path | None = None) -> Truth:
         """Make the twin write its truth to ``directory`` (its own default if None); load it."""
         target = "" if directory is None else str(Path(directory).resolve())

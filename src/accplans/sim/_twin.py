@@ -29,6 +29,7 @@ from accplans.model import (
 )
 
 from ._errors import ErrorModel, TwinErrors, bpm_readings, draw_errors
+from ._tbt import BAD_BPM_KINDS, ShotRequest, ShotResult, TbtSettings
 
 if TYPE_CHECKING:
     from ._truth import Truth
@@ -124,6 +125,7 @@ class Twin:
         seed: error seed.
         beam: beam settings.
         noise: whether BPM and tune readings are noisy (the error model's noise amplitudes).
+        tbt: turn-by-turn settings (pinger shots, see :mod:`accplans.sim._tbt`).
     """
 
     def __init__(
@@ -134,8 +136,13 @@ class Twin:
         seed: int = 0,
         beam: BeamSettings | None = None,
         noise: bool = True,
+        tbt: TbtSettings | None = None,
     ) -> None:
         self.description = description
+        self.tbt_settings = tbt if tbt is not None else TbtSettings()
+        self.bad_bpms: dict[str, tuple[str, float]] = {}
+        self.last_shot: dict[str, Any] = {}
+        self._resets = 0
         self.error_model = errors if errors is not None else ErrorModel()
         self.beam_settings = beam if beam is not None else BeamSettings()
         self.noise = noise
@@ -240,6 +247,10 @@ class Twin:
         self._loss_reason = ""
         self._fill_time = now
         self._fill_current = self.beam_settings.current_ma
+        self.bad_bpms = {}
+        self.last_shot = {}
+        self._resets += 1
+        self._tbt_rng = np.random.default_rng([self.seed, 0x7B7])
         self.set_magnets(self.design_hardware)
 
     def _design_hardware(self, ring: at.Lattice) -> np.ndarray:
@@ -716,10 +727,16 @@ class Twin:
         if not np.all(np.isfinite(reading)):
             self.kill_beam("BPM readings are not finite")
             return self._frame(now, solved, elapsed)
+        valid = np.ones(n, dtype=np.int32)
+        if self.bad_bpms:
+            reading = self._spoil(reading[:, :, None], self._noise_rng)[:, :, 0]
+            for name, (kind, _) in self.bad_bpms.items():
+                if kind == "dead":
+                    valid[self.bpm_names.index(name)] = 0
         return Frame(
             x_mm=reading[:, 0] * 1e3,
             y_mm=reading[:, 1] * 1e3,
-            valid=np.ones(n, dtype=np.int32),
+            valid=valid,
             beam_m=self._orbit.copy(),
             current_ma=self.current_ma(now),
             lifetime_h=self.beam_settings.lifetime_h,
@@ -730,6 +747,100 @@ class Twin:
             solved=solved,
             compute_s=elapsed,
         )
+
+    # -- turn by turn -----------------------------------------------------------------------
+    def set_bad_bpm(self, name: str, kind: str, value: float = 0.0) -> None:
+        """Make BPM ``name`` bad (:data:`~accplans.sim._tbt.BAD_BPM_KINDS`), or ``"good"`` again.
+
+        Applies to its turn-by-turn buffers and to its closed-orbit readings (a dead BPM's
+        orbit reading is invalid). :meth:`reset` makes every BPM good.
+
+        Args:
+            name: BPM device name.
+            kind: ``"dead"``, ``"noisy"`` (value: rms noise, m), ``"gain"`` (value: factor),
+                ``"swapped"`` (x and y exchanged) or ``"good"``.
+            value: the kind's parameter.
+        """
+        if name not in self.bpm_names:
+            raise ValueError(f"set_bad_bpm: no BPM named {name!r}")
+        if kind == "good":
+            self.bad_bpms.pop(name, None)
+            return
+        if kind not in BAD_BPM_KINDS:
+            raise ValueError(
+                f"set_bad_bpm: kind must be 'good' or one of {sorted(BAD_BPM_KINDS)}, got {kind!r}"
+            )
+        value = float(value)
+        if not np.isfinite(value) or (kind == "noisy" and value < 0):
+            raise ValueError(f"set_bad_bpm: bad value {value!r} for a {kind} BPM")
+        self.bad_bpms[name] = (kind, value)
+
+    def _spoil(self, reading: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Apply the bad BPMs to readings of shape (n_bpm, 2, turns) (m); returns a copy."""
+        out = reading.copy()
+        for name, (kind, value) in self.bad_bpms.items():
+            i = self.bpm_names.index(name)
+            if kind == "dead":
+                out[i] = 0.0
+            elif kind == "noisy":
+                out[i] += rng.normal(0.0, value, out[i].shape)
+            elif kind == "gain":
+                out[i] *= value
+            elif kind == "swapped":
+                out[i] = out[i, ::-1].copy()
+        return out
+
+    def tbt_request(self, kick_x_rad: float, kick_y_rad: float, turns: int) -> ShotRequest:
+        """A pinger shot of the present machine, for :func:`~accplans.sim._tbt.track_shot`.
+
+        The true lattice is pickled now: the worker tracks the machine as it was at the shot.
+        """
+        import pickle
+
+        turns = int(turns)
+        if not 1 <= turns <= self.tbt_settings.max_turns:
+            raise ValueError(f"turns must be in [1, {self.tbt_settings.max_turns}], got {turns}")
+        for k in (kick_x_rad, kick_y_rad):
+            if not np.isfinite(k):
+                raise ValueError(f"pinger kick must be finite, got {k!r}")
+        return ShotRequest(
+            ring_pickle=pickle.dumps(self.ring, protocol=pickle.HIGHEST_PROTOCOL),
+            bpm_elements=self.bpm_elements.copy(),
+            dct_m=self.dct,
+            kick_rad=(float(kick_x_rad), float(kick_y_rad)),
+            turns=turns,
+            cache_key=(self.description.config_hash, self.seed, self._resets),
+            settings=self.tbt_settings,
+        )
+
+    def tbt_readings(self, shot: ShotResult) -> tuple[np.ndarray, np.ndarray]:
+        """What the BPMs' TbT buffers read for a tracked shot: ``(x, y)`` (n_bpm, turns) (m).
+
+        The closed-orbit reading model (gain, roll, offset) at every turn, the TbT noise, the
+        bad BPMs. Without beam, zeros; a particle lost during the shot dumps the beam and
+        the buffers read 0 from that turn on.
+        """
+        n, turns = len(self.bpms), shot.beam_m.shape[2]
+        self.last_shot = dict(shot.info)
+        if not self._beam_on:
+            return np.zeros((n, turns)), np.zeros((n, turns))
+        beam = np.nan_to_num(shot.beam_m.transpose(1, 2, 0).reshape(n * turns, 2), nan=0.0)
+        e = self.errors
+        reading = bpm_readings(
+            beam,
+            np.repeat(e.bpm_offset_m, turns, axis=0),
+            np.repeat(e.bpm_gain, turns, axis=0),
+            np.repeat(e.bpm_roll_rad, turns),
+        )
+        reading = reading.reshape(n, turns, 2).transpose(0, 2, 1)  # (n, 2, turns)
+        if self.noise and self.tbt_settings.noise_m > 0:
+            reading = reading + self._tbt_rng.normal(0.0, self.tbt_settings.noise_m, reading.shape)
+        if self.bad_bpms:
+            reading = self._spoil(reading, self._tbt_rng)
+        if shot.lost_turn >= 0:
+            reading[:, :, shot.lost_turn :] = 0.0
+            self.kill_beam(f"beam lost at turn {shot.lost_turn} after the pinger kick")
+        return reading[:, 0, :], reading[:, 1, :]
 
     # -- truth -------------------------------------------------------------------------------
     def truth(self) -> Truth:
@@ -752,6 +863,8 @@ class Twin:
             "beam": self._beam_on,
             "loss_reason": self._loss_reason,
             "drift_rate_m_per_s": self._drift_rate,
+            "bad_bpms": {k: list(v) for k, v in self.bad_bpms.items()},
+            "tbt_last_shot": self.last_shot,
             "time": time.time(),
         }
         arrays = {

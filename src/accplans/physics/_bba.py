@@ -1,0 +1,365 @@
+"""Quadrupole beam-based alignment: the BPM reading at which a quadrupole modulation does nothing.
+
+A quadrupole whose gradient changes by ``dK`` kicks a beam passing at ``x`` through it (centre
+``x0``, length ``L``) by ``-dK L (x - x0)``: the closed orbit everywhere changes by a fixed shape
+times ``(x - x0)``. BBA moves the beam through the quadrupole with a scan knob (a local bump),
+measures at each scan position ``i`` the *difference orbit* ``d_i`` (all BPMs) between ``+dK``
+and ``-dK``, and the reading ``r_i`` of the BPM next to the quadrupole. The scan knob moves the
+beam at the BPM and in the quadrupole in proportion, so ``d_i = s (r_i - c) u`` with ``u`` the
+shape: ``c``, the zero crossing, is what the BPM reads when the beam passes through the
+quadrupole's magnetic centre.
+
+:func:`fit_bba_center` projects each ``d_i`` on the dominant direction ``u`` (first right
+singular vector of the stacked ``d_i``, or a given model shape), fits the straight line
+``a_i = alpha + s (r_i - mean r)`` by weighted least squares with the noise of both ``a_i``
+and ``r_i`` (effective variance), and returns ``c = mean r - alpha / s`` with its uncertainty by
+error propagation (the covariance scaled up by the reduced chi-square when the residuals exceed
+the noise). A fit is rejected, with the reason, when the slope is not significant (the
+modulation barely moves the orbit, or the scan barely moves the beam), when the points are not
+on a line, or when the centre lies far outside the scanned readings.
+
+When both planes are scanned together (not in step), each plane's fit has a third term, the
+other plane's reading: the machine couples the quadrupole's kick of one plane into the orbit
+of the other, so a plane's zero crossing depends on where the beam is in the other plane.
+:func:`combine_bba_planes` solves both zero crossings together: the readings at which the
+beam passes through the centre in both planes at once.
+
+References:
+    G. Portmann, D. Robin, L. Schachinger, "Automated beam based alignment of the ALS
+    quadrupoles", PAC'95 (1995); P. Roejsel, "A beam position monitor system with
+    beam-based alignment", NIM A 343 (1994); W. Kewisch et al., beam-based alignment of HERA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+__all__ = ["BbaFit", "combine_bba_planes", "fit_bba_center"]
+
+
+@dataclass(frozen=True)
+class BbaFit:
+    """The outcome of :func:`fit_bba_center` (SI units).
+
+    Attributes:
+        center_m: BPM reading at which the modulation-induced orbit change vanishes (m).
+        std_center_m: its standard uncertainty (m).
+        slope: projected orbit change per metre of BPM reading (m/m) at the fitted ``dK``.
+        std_slope: its standard uncertainty (m/m).
+        chi2_red: reduced chi-square of the straight-line fit (NaN without known noise or
+            without a degree of freedom).
+        r_squared: fraction of the projections' variance the line explains.
+        curvature: quadratic coefficient relative to the slope, times half the scanned range
+            (the relative deviation from a line at the scan's ends); NaN with 3 points.
+        std_curvature: its standard uncertainty.
+        positions_m: (npos,) the BPM readings of the scan (m).
+        projections_m: (npos,) the difference orbits projected on ``direction`` (m).
+        std_projections_m: (npos,) their uncertainties (m).
+        direction: (nbpm,) unit vector the difference orbits were projected on (NaN for the
+            BPMs left out: NaN in any difference orbit).
+        n_bpms: BPMs used.
+        rejected: why the fit is rejected, ``""`` if it is accepted.
+        coupling: with ``other_positions_m``: projected orbit change per metre of the other
+            plane's reading (m/m), the coupled part of the other plane's kick; else 0.
+        mean_m: mean of ``positions_m`` (m).
+        other_mean_m: mean of the other plane's readings (m; NaN without them).
+        params: (alpha [m], slope, coupling) of ``a = alpha + slope (r - mean_m) +
+            coupling (r_other - other_mean_m)``.
+        params_cov: (3, 3) their covariance.
+    """
+
+    center_m: float
+    std_center_m: float
+    slope: float
+    std_slope: float
+    chi2_red: float
+    r_squared: float
+    curvature: float
+    std_curvature: float
+    positions_m: np.ndarray
+    projections_m: np.ndarray
+    std_projections_m: np.ndarray
+    direction: np.ndarray
+    n_bpms: int
+    rejected: str
+    coupling: float = 0.0
+    mean_m: float = float("nan")
+    other_mean_m: float = float("nan")
+    params: np.ndarray = field(default_factory=lambda: np.full(3, np.nan))
+    params_cov: np.ndarray = field(default_factory=lambda: np.full((3, 3), np.nan))
+
+    @property
+    def ok(self) -> bool:
+        """Whether the fit is accepted."""
+        return not self.rejected
+
+
+def _sigma(value: float | np.ndarray | None, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """``value`` broadcast to ``shape`` (NaN: unknown), checked >= 0."""
+    if value is None:
+        return np.full(shape, np.nan)
+    arr = np.asarray(value, dtype=float)
+    if np.any(arr < 0) or np.any(np.isinf(arr)):
+        raise ValueError(f"fit_bba_center: {what} must be finite and >= 0")
+    try:
+        return np.broadcast_to(arr, shape).astype(float)
+    except ValueError:
+        raise ValueError(
+            f"fit_bba_center: {what} has shape {arr.shape}, expected {shape}"
+        ) from None
+
+
+def _fit(
+    basis: np.ndarray, y: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted linear least squares ``y = basis @ p``: coefficients, covariance, residuals."""
+    sw = np.sqrt(w)
+    coef, *_ = np.linalg.lstsq(basis * sw[:, None], y * sw, rcond=None)
+    cov = np.linalg.pinv(basis.T @ (basis * w[:, None]))
+    return coef, cov, y - basis @ coef
+
+
+def fit_bba_center(
+    positions_m: np.ndarray,
+    orbit_changes_m: np.ndarray,
+    *,
+    sigma_position_m: float | np.ndarray | None = None,
+    sigma_change_m: float | np.ndarray | None = None,
+    direction: np.ndarray | None = None,
+    min_slope_snr: float = 10.0,
+    max_chi2_red: float = 5.0,
+    min_r_squared: float = 0.98,
+    max_curvature: float = 0.2,
+    max_extrapolation: float = 0.5,
+    other_positions_m: np.ndarray | None = None,
+) -> BbaFit:
+    """Fit the quadrupole centre, as a BPM reading, from a BBA scan (module docstring).
+
+    Args:
+        positions_m: (npos,) reading of the BPM next to the quadrupole at each scan position
+            (the mean of its readings at ``+dK`` and ``-dK``) (m).
+        orbit_changes_m: (npos, nbpm) difference orbit ``orbit(+dK) - orbit(-dK)`` at each
+            scan position (m); a BPM with NaN at any position is left out.
+        sigma_position_m: noise (standard deviation) of ``positions_m`` (m): scalar or (npos,);
+            ``None``: unknown (the uncertainties then come from the residuals alone).
+        sigma_change_m: noise of ``orbit_changes_m`` (m): scalar, (nbpm,) or (npos, nbpm);
+            ``None``: unknown.
+        direction: (nbpm,) expected shape of the difference orbit (e.g. the model's orbit
+            response to a kick at the quadrupole); default: the first right singular vector of
+            the stacked difference orbits.
+        min_slope_snr: reject when ``|slope| / std_slope`` is below this.
+        max_chi2_red: reject when the reduced chi-square exceeds this (known noise only).
+        min_r_squared: reject when the line explains less than this fraction of the variance.
+        max_curvature: reject when a quadratic term changes the line by more than this
+            fraction at the ends of the scan, significantly (more than 3 sigma).
+        max_extrapolation: reject when the centre lies outside the scanned readings by more
+            than this fraction of the scanned range.
+        other_positions_m: (npos,) the same BPM's readings in the other plane (m), when both
+            planes were scanned (not in step: see :func:`combine_bba_planes`). The fit then
+            has a third term, the other plane's kick coupled into this plane, and the centre
+            is the zero crossing at the other plane's mean reading until
+            :func:`combine_bba_planes` solves both planes together.
+
+    Returns:
+        The fit; ``fit.rejected`` says why it is rejected (the numbers are still filled).
+
+    Raises:
+        ValueError: inconsistent shapes, NaN readings, negative noise.
+    """
+    r = np.asarray(positions_m, dtype=float).ravel()
+    d = np.atleast_2d(np.asarray(orbit_changes_m, dtype=float))
+    npos = r.size
+    if d.shape[0] != npos:
+        raise ValueError(
+            f"fit_bba_center: {npos} positions but {d.shape[0]} difference orbits "
+            f"(orbit_changes_m has shape {d.shape})"
+        )
+    if not np.all(np.isfinite(r)):
+        raise ValueError("fit_bba_center: positions_m must be finite")
+    sig_r = _sigma(sigma_position_m, (npos,), "sigma_position_m")
+    sig_d_arg = None if sigma_change_m is None else np.asarray(sigma_change_m, float)
+    if sig_d_arg is not None and sig_d_arg.ndim == 1 and sig_d_arg.size == d.shape[1] != npos:
+        sig_d_arg = sig_d_arg[None, :]
+    sig_d = _sigma(sig_d_arg, d.shape, "sigma_change_m")
+    cols = np.all(np.isfinite(d), axis=0)
+    full_direction = np.full(d.shape[1], np.nan)
+    nan = float("nan")
+
+    def rejected_early(reason: str) -> BbaFit:
+        return BbaFit(
+            nan, nan, nan, nan, nan, nan, nan, nan, r, np.full(npos, nan), np.full(npos, nan),
+            full_direction, int(cols.sum()), reason,
+        )  # fmt: skip
+
+    if npos < 3:
+        return rejected_early(f"{npos} scan positions: a line and its residuals need >= 3")
+    if not np.any(cols):
+        return rejected_early("no BPM has a valid difference orbit at every scan position")
+    dv = d[:, cols]
+    if direction is not None:
+        u = np.asarray(direction, dtype=float).ravel()
+        if u.size != d.shape[1]:
+            raise ValueError(
+                f"fit_bba_center: direction has {u.size} elements, expected {d.shape[1]}"
+            )
+        u = u[cols]
+        norm = float(np.linalg.norm(u))
+        if not np.isfinite(norm) or norm == 0:
+            raise ValueError("fit_bba_center: direction must be finite and non-zero")
+        u = u / norm
+    else:
+        u = np.linalg.svd(dv, full_matrices=False)[2][0]
+    if np.sum(u) < 0:  # a fixed sign, so the slope's sign is reproducible
+        u = -u
+    full_direction[cols] = u
+    a = dv @ u
+    sig_a = np.sqrt(np.sum(u**2 * sig_d[:, cols] ** 2, axis=1))
+    known = bool(np.all(np.isfinite(sig_a)) and np.all(np.isfinite(sig_r)))
+    known = known and bool(np.max(sig_a) > 0)
+    if not known:
+        sig_a, sig_r = np.ones(npos), np.zeros(npos)
+    r_mean = float(np.mean(r))
+    x = r - r_mean
+    columns = [np.ones(npos), x]
+    other_mean = nan
+    if other_positions_m is not None:
+        ro = np.asarray(other_positions_m, dtype=float).ravel()
+        if ro.shape != r.shape or not np.all(np.isfinite(ro)):
+            raise ValueError("fit_bba_center: other_positions_m must be finite, one per position")
+        other_mean = float(np.mean(ro))
+        columns.append(ro - other_mean)
+    basis = np.stack(columns, axis=1)
+    npar = basis.shape[1]
+    if npos < npar + 1:
+        return rejected_early(f"{npos} scan positions: {npar} parameters need >= {npar + 1}")
+    w = 1.0 / sig_a**2
+    coef, cov, res = _fit(basis, a, w)
+    for _ in range(3):  # effective variance: the readings' noise enters through the slope
+        w = 1.0 / (sig_a**2 + float(coef[1]) ** 2 * sig_r**2)
+        coef, cov, res = _fit(basis, a, w)
+    slope = float(coef[1])
+    dof = npos - npar
+    chi2 = float(np.sum(w * res**2))
+    chi2_red = chi2 / dof if dof > 0 else nan
+    if known:
+        scale = max(1.0, chi2_red) if dof > 0 else 1.0
+    else:
+        scale = chi2_red if dof > 0 else nan
+    # the slope's significance against the noise alone (known noise): a curved or noisy
+    # scan is a linearity problem, reported as such below
+    std_slope_noise = float(np.sqrt(cov[1, 1] * (1.0 if known else scale)))
+    cov = cov * scale
+    alpha, std_slope = float(coef[0]), float(np.sqrt(cov[1, 1]))
+    center = r_mean - alpha / slope if slope != 0 else nan
+    jac = np.zeros(npar)
+    jac[:2] = [-1.0 / slope, alpha / slope**2] if slope != 0 else [nan, nan]
+    std_center = float(np.sqrt(max(jac @ cov @ jac, 0.0)))
+    ss_tot = float(np.sum(w * (a - np.average(a, weights=w)) ** 2))
+    r_squared = 1.0 - chi2 / ss_tot if ss_tot > 0 else nan
+    half = 0.5 * float(np.ptp(r))
+    curvature = std_curvature = nan
+    if npos >= npar + 2 and slope != 0:
+        coef2, cov2, res2 = _fit(np.c_[basis, x**2], a, w)
+        dof2 = npos - npar - 1
+        s2 = float(np.sum(w * res2**2)) / dof2
+        cov2 = cov2 * (max(1.0, s2) if known else s2)
+        curvature = float(coef2[-1]) * half / slope
+        std_curvature = float(np.sqrt(cov2[-1, -1])) * half / abs(slope)
+    params = np.full(3, 0.0)
+    params[:npar] = coef
+    params_cov = np.zeros((3, 3))
+    params_cov[:npar, :npar] = cov
+    lo, hi = float(np.min(r)), float(np.max(r))
+    margin = max_extrapolation * (hi - lo)
+    snr = abs(slope) / std_slope_noise if std_slope_noise > 0 else (np.inf if slope else 0.0)
+    reason = ""
+    if not snr >= min_slope_snr:
+        reason = (
+            f"too little slope: {slope:.3g} +- {std_slope_noise:.2g} m/m ({snr:.1f} sigma < "
+            f"{min_slope_snr:g}): the modulation does not move the orbit measurably, or the scan "
+            f"does not move the beam at the BPM (readings span {(hi - lo) * 1e6:.1f} um)"
+        )
+    elif known and dof > 0 and chi2_red > max_chi2_red:
+        reason = (
+            f"poor linearity: reduced chi-square {chi2_red:.2f} > {max_chi2_red:g} (residuals "
+            "exceed the noise: drift, a lost reading, or a nonlinear scan)"
+        )
+    elif not r_squared >= min_r_squared:
+        reason = f"poor linearity: the line explains {r_squared:.3f} < {min_r_squared:g}"
+    elif (
+        np.isfinite(curvature)
+        and abs(curvature) > max_curvature
+        and abs(curvature) > 3 * std_curvature
+    ):
+        reason = (
+            f"poor linearity: a quadratic term changes the line by {abs(curvature):.0%} at the "
+            f"scan's ends (> {max_curvature:.0%}, {abs(curvature) / std_curvature:.1f} sigma)"
+        )
+    elif not lo - margin <= center <= hi + margin:
+        reason = (
+            f"centre {center * 1e6:.1f} um lies outside the scanned readings "
+            f"[{lo * 1e6:.1f}, {hi * 1e6:.1f}] um by more than {max_extrapolation:.0%} of "
+            "their range: widen or move the scan"
+        )
+    return BbaFit(
+        center_m=float(center),
+        std_center_m=std_center,
+        slope=slope,
+        std_slope=std_slope,
+        chi2_red=chi2_red if known else nan,
+        r_squared=float(r_squared),
+        curvature=curvature,
+        std_curvature=std_curvature,
+        positions_m=r,
+        projections_m=a,
+        std_projections_m=np.sqrt(1.0 / w) * (1.0 if known else np.sqrt(scale)),
+        direction=full_direction,
+        n_bpms=int(cols.sum()),
+        rejected=reason,
+        coupling=float(params[2]),
+        mean_m=r_mean,
+        other_mean_m=other_mean,
+        params=params,
+        params_cov=params_cov,
+    )
+
+
+def combine_bba_planes(fit_x: BbaFit, fit_y: BbaFit) -> tuple[BbaFit, BbaFit]:
+    """The centres of both planes at once, from fits with ``other_positions_m``.
+
+    With both planes scanned (not in step, so that the two readings are independent
+    regressors), each plane's projection is ``a_p = alpha_p + s_p (r_p - m_p) + k_p (r_q -
+    m_q)``: the coupling ``k_p`` carries the other plane's kick, coupled into this plane by
+    the machine (rolled quadrupoles, sextupoles off-centre). Centring the beam in the
+    quadrupole means both kicks vanish: the two zero crossings are solved together (a 2x2
+    linear system), and their uncertainties propagated from both fits' covariances.
+
+    Returns:
+        Both fits with ``center_m`` and ``std_center_m`` replaced; unchanged if either is
+        rejected or lacks the coupling term.
+    """
+    fits = (fit_x, fit_y)
+    if any(f.rejected or not np.isfinite(f.other_mean_m) for f in fits):
+        return fit_x, fit_y
+    means = np.array([fit_x.mean_m, fit_y.mean_m])
+
+    def solve(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+        m = np.array([[px[1], px[2]], [py[2], py[1]]])
+        return means - np.linalg.solve(m, np.array([px[0], py[0]]))
+
+    centre = solve(fit_x.params, fit_y.params)
+    jac = np.zeros((2, 6))
+    for k in range(6):
+        p = np.r_[fit_x.params, fit_y.params]
+        step = 1e-7 * max(abs(p[k]), 1e-9)
+        p[k] += step
+        jac[:, k] = (solve(p[:3], p[3:]) - centre) / step
+    cov = np.zeros((6, 6))
+    cov[:3, :3], cov[3:, 3:] = fit_x.params_cov, fit_y.params_cov
+    std = np.sqrt(np.maximum(np.diag(jac @ cov @ jac.T), 0.0))
+    return (
+        replace(fit_x, center_m=float(centre[0]), std_center_m=float(std[0])),
+        replace(fit_y, center_m=float(centre[1]), std_center_m=float(std[1])),
+    )

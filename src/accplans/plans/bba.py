@@ -1,0 +1,604 @@
+"""``bba``: quadrupole beam-based alignment of BPMs, one BPM after the other.
+
+For each selected BPM the plan takes its nearest quadrupole (lattice positions from the
+online model), moves the beam through it with local closed bumps (both planes at once, the
+same amplitudes in another order in y), and at each of ``n_positions`` bump amplitudes reads
+the orbit with the quadrupole at ``K0 + dK`` and at ``K0 - dK``. The difference orbit is
+proportional to the beam's distance from the quadrupole's magnetic centre;
+:func:`accplans.physics.fit_bba_center` finds, per plane, the BPM reading where it vanishes,
+and :func:`accplans.physics.combine_bba_planes` both planes' at once.
+The physics and its error budget are in ``docs/how-to/bba.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+import numpy as np
+from bluesky.utils import MsgGenerator
+
+from accplans.config import MachineDescription
+from accplans.data import FieldSpec, ResultSchema, record_result, register_result_kind, run_metadata
+from accplans.devices import OrbitSource, SettableFamily, call_async, resolve_select
+from accplans.model import OnlineModel, bump_point, bump_response, nearest_bump_correctors
+from accplans.physics import (
+    BbaFit,
+    BumpError,
+    bump_kicks,
+    bump_span,
+    combine_bba_planes,
+    fit_bba_center,
+)
+
+from ._record import Record
+from ._safety import description_of, restore_on_exit, take_snapshot
+from ._stubs import read_orbit_frame, set_and_settle
+from ._worker import compute
+
+__all__ = ["BbaKnob", "bba", "bba_knobs", "design_bba"]
+
+register_result_kind(
+    ResultSchema(
+        kind="bba",
+        version=1,
+        description=(
+            "Quadrupole beam-based alignment: per BPM, its quadrupole, the gradient modulation, "
+            "and per plane the BPM reading at which the modulation does not move the orbit "
+            "(the quadrupole's centre as the BPM reads it), its uncertainty, the fit's slope "
+            "and quality, and why a fit was rejected; the scan knobs (bump kicks per metre)."
+        ),
+        fields={
+            "planes": FieldSpec("", "()", "str", choices=("x", "y", "xy")),
+            "bpm_names": FieldSpec("", "(nsel,)", "str"),
+            "quadrupole_names": FieldSpec("", "(nsel,)", "str"),
+            "distance": FieldSpec("m", "(nsel,)"),
+            "dk": FieldSpec("1/m^2", "(nsel,)"),
+            "center_x": FieldSpec("m", "(nsel,)"),
+            "center_y": FieldSpec("m", "(nsel,)"),
+            "std_center_x": FieldSpec("m", "(nsel,)"),
+            "std_center_y": FieldSpec("m", "(nsel,)"),
+            "slope_x": FieldSpec("", "(nsel,)"),
+            "slope_y": FieldSpec("", "(nsel,)"),
+            "chi2_red_x": FieldSpec("", "(nsel,)"),
+            "chi2_red_y": FieldSpec("", "(nsel,)"),
+            "accepted_x": FieldSpec("", "(nsel,)", "bool"),
+            "accepted_y": FieldSpec("", "(nsel,)", "bool"),
+            "rejected_x": FieldSpec("", "(nsel,)", "str"),
+            "rejected_y": FieldSpec("", "(nsel,)", "str"),
+            "positions_x": FieldSpec("m", "(nsel, npos)"),
+            "positions_y": FieldSpec("m", "(nsel, npos)"),
+            "projections_x": FieldSpec("m", "(nsel, npos)"),
+            "projections_y": FieldSpec("m", "(nsel, npos)"),
+            "knob_bpm": FieldSpec("", "(nknob,)", "int"),
+            "knob_plane": FieldSpec("", "(nknob,)", "str", choices=("x", "y")),
+            "knob_correctors": FieldSpec("", "(nknob,)", "str"),
+            "knob_kicks": FieldSpec("rad/m", "(nknob,)"),
+        },
+    )
+)
+
+#: largest relative gradient modulation the plan accepts (tune shift, beam stability)
+MAX_DK_REL = 0.1
+#: largest model orbit change outside a scan bump, relative to its amplitude, besides the
+#: energy change of a horizontal bump at fixed RF (coupling through off-centre sextupoles
+#: leaks a little; a leak is harmless to BBA, a huge kick is not)
+_MAX_LEAK = 1e-2
+
+
+@dataclass(frozen=True)
+class BbaKnob:
+    """What the model gives for one BPM (a worker job's answer, see :func:`design_bba`).
+
+    Attributes:
+        bpm: the BPM's name.
+        quadrupole: its nearest quadrupole's name.
+        distance: BPM position minus quadrupole centre along the ring [m].
+        correctors: per plane (``"x"``, ``"y"``) the bump's corrector names.
+        kicks: per plane the kicks [rad] per metre of beam position at the quadrupole.
+    """
+
+    bpm: str
+    quadrupole: str
+    distance: float
+    correctors: dict[str, tuple[str, ...]]
+    kicks: dict[str, np.ndarray]
+
+
+def _nearest_quadrupole(
+    model: OnlineModel, bpm_element: int, quads: Mapping[str, Sequence[int]]
+) -> tuple[str, float]:
+    """The quadrupole whose centre is nearest to the BPM along the ring, and the distance."""
+    ring = model.lattice
+    circumference = float(ring.circumference)
+    _, s_bpm = bump_point(model, bpm_element)
+    best, best_d = "", np.inf
+    for name, elements in quads.items():
+        first, last = min(elements), max(elements)
+        _, start = bump_point(model, first)
+        length = sum(float(getattr(ring[e], "Length", 0.0)) for e in range(first, last + 1))
+        d = s_bpm - (start + 0.5 * length)
+        d = (d + 0.5 * circumference) % circumference - 0.5 * circumference
+        if abs(d) < abs(best_d):
+            best, best_d = name, d
+    return best, float(best_d)
+
+
+def _smallest_bump(
+    model: OnlineModel, point: int, family: list[str], plane: str, n_candidates: int
+) -> tuple[list[str], np.ndarray]:
+    """The closed 3-corrector bump of unit position at ``point`` with the smallest largest kick.
+
+    The 3 nearest correctors can be nearly degenerate (a phase advance near pi between two of
+    them needs huge kicks); every triple of the ``n_candidates`` nearest that closes the
+    bump is tried. Closes: the model's orbit change outside the bump is at most ``_MAX_LEAK``
+    of its amplitude; in x, with an RF step that keeps the energy (the kicks are those of the
+    geometric bump: applied alone, at fixed RF, they also change the energy, linearly in the
+    amplitude, which is harmless to BBA). If none does, the one that leaks least, up to 10
+    times that; else ``([], ...)``.
+    """
+    candidates = nearest_bump_correctors(model, point, family, min(n_candidates, len(family)))
+    response = bump_response(model, point, plane, candidates)
+    n_ring = len(model.lattice)
+    bpm_elements = [int(model.description.device(b).elements[0]) for b in response.bpms]
+    corr_elements = [int(model.description.device(c).elements[0]) for c in candidates]
+    best: tuple[list[str], np.ndarray] = ([], np.zeros(0))
+    best_max = np.inf
+    least_leak: tuple[float, list[str], np.ndarray] = (np.inf, [], np.zeros(0))
+    for triple in itertools.combinations(range(len(candidates)), 3):
+        cols = list(triple)
+        # a closed bump: no change at the BPMs outside its first and last corrector
+        inside = bump_span(point, [corr_elements[c] for c in cols], bpm_elements, n_ring)
+        point_row = response.point_matrix[[0]][:, cols]
+        outside = response.bpm_matrix[~inside][:, cols]
+        if plane == "x":  # solve with the RF step as an unknown, apply only the kicks: the
+            # geometric bump (its energy change at fixed RF is linear in the amplitude)
+            point_row = np.c_[point_row, response.point_rf[0]]
+            outside = np.c_[outside, response.bpm_rf[~inside]]
+        try:
+            solution = bump_kicks(point_row, outside, [1.0])
+        except BumpError:
+            continue
+        leak = float(np.max(np.abs(solution.outside), initial=0.0))
+        biggest = float(np.max(np.abs(solution.kicks[:3])))
+        if leak <= _MAX_LEAK and biggest < best_max:
+            best = ([candidates[c] for c in cols], np.asarray(solution.kicks[:3], float))
+            best_max = biggest
+        if leak < least_leak[0]:
+            least_leak = (leak, [candidates[c] for c in cols], solution.kicks[:3])
+    if not best[0] and least_leak[0] <= 10 * _MAX_LEAK:  # the best that closes a little less
+        best = (least_leak[1], np.asarray(least_leak[2], float))
+    return best
+
+
+def design_bba(
+    description: MachineDescription,
+    hardware: Mapping[str, float],
+    bpms: Sequence[str],
+    quadrupoles: Sequence[str],
+    quadrupole_of: Mapping[str, str],
+    planes: str,
+    hcorr: Sequence[str],
+    vcorr: Sequence[str],
+    n_candidates: int = 6,
+) -> list[BbaKnob]:
+    """Each BPM's quadrupole and the bumps that move the beam through it (a worker job).
+
+    Args:
+        description: the machine description.
+        hardware: hardware setpoints (A, Hz) of the magnets and RF, for the online model.
+        bpms: the BPMs to align.
+        quadrupoles: candidate quadrupoles (names of the quadrupole family).
+        quadrupole_of: explicit BPM -> quadrupole choices (others: the nearest candidate).
+        planes: ``"x"``, ``"y"`` or ``"xy"``.
+        hcorr: the horizontal correctors (bump candidates).
+        vcorr: the vertical correctors.
+        n_candidates: the bump of each plane is the closed 3-corrector bump with the smallest
+            largest kick among these many correctors nearest to the quadrupole.
+
+    Raises:
+        BumpError: no closed bump through a quadrupole with the nearest correctors.
+    """
+    model = OnlineModel(description)
+    model.set_hardware(dict(hardware))
+    quad_elements = {q: list(description.device(q).elements) for q in quadrupoles}
+    out = []
+    for bpm in bpms:
+        element = int(description.device(bpm).elements[0])
+        if bpm in quadrupole_of:
+            quad = quadrupole_of[bpm]
+            _, distance = _nearest_quadrupole(model, element, {quad: quad_elements[quad]})
+        else:
+            quad, distance = _nearest_quadrupole(model, element, quad_elements)
+        point = min(quad_elements[quad])
+        correctors, kicks = {}, {}
+        for plane in planes:
+            # three correctors: a horizontal bump also changes the path length, so at fixed
+            # RF the energy, a change linear in the amplitude that the fit does not mind (a
+            # fourth corrector to keep it costs several times the kicks on a small ring)
+            names, kick = _smallest_bump(
+                model, point, list(hcorr if plane == "x" else vcorr), plane, n_candidates
+            )
+            if not names:
+                raise BumpError(f"bba: no closed {plane} bump through {quad} (for {bpm})")
+            correctors[plane] = tuple(names)
+            kicks[plane] = kick
+        out.append(BbaKnob(bpm, quad, distance, correctors, kicks))
+    return out
+
+
+def bba(
+    bpms: OrbitSource,
+    quadrupoles: SettableFamily,
+    hcorr: SettableFamily,
+    vcorr: SettableFamily,
+    *,
+    select: Any = None,
+    quadrupole_of: Mapping[str, str] | None = None,
+    dk_rel: float = 0.05,
+    n_positions: int = 5,
+    span_m: float = 100e-6,
+    planes: str = "xy",
+    n_samples: int = 2,
+    min_slope_snr: float = 10.0,
+    max_chi2_red: float = 5.0,
+    timeout: float = 10.0,
+    md: dict | None = None,
+) -> MsgGenerator[str]:
+    """Beam-based alignment: the reading of each selected BPM at its quadrupole's centre.
+
+    For each selected BPM, one after the other: its nearest quadrupole (or ``quadrupole_of``)
+    is modulated by ``+-dK = +-dk_rel * |K0|`` while local closed bumps (3 correctors per
+    plane among the 6 nearest, the closing triple with the smallest kicks; from the online
+    model in the worker process) move the beam through it at ``n_positions`` amplitudes from
+    ``-span_m`` to ``+span_m`` around the present orbit, both planes together (y visits the
+    amplitudes in another order, so that the coupling of one plane's kick into the other's
+    orbit is fitted and both planes are centred at once:
+    :func:`~accplans.physics.combine_bba_planes`). At each amplitude the orbit is read
+    (``n_samples`` fresh frames each) at ``K0 + dK`` then ``K0 - dK``; the difference orbit,
+    projected on its dominant direction, is fitted by a line against the BPM's reading (the
+    mean of both), and its zero crossing is the centre, with an uncertainty from the frames'
+    scatter and the residuals (:func:`~accplans.physics.fit_bba_center`). A fit with too
+    little slope, poor linearity or a centre far outside the scan is rejected and the reason
+    recorded. Run it on a corrected orbit.
+
+    Hysteresis: the quadrupole goes to ``K0 - dK`` before the first reading, so every
+    ``K0 + dK`` is approached from below and every ``K0 - dK`` from above: every reading of
+    a sign lies on the same branch of the same minor loop, and the zero crossing is unchanged
+    by the hysteresis (it only scales the slope).
+
+    Everything is checked before anything moves: the BPM names, ``dK`` against the
+    quadrupoles' limits (and ``dk_rel`` within ``(0, 0.1]``), every bump amplitude against the
+    correctors' limits. A measurement plan: it changes the selected BPMs' quadrupoles and the
+    bump correctors, and restores the quadrupoles' and correctors' setpoints (currents; a
+    quadrupole with hysteresis ends on its ascending branch) on success, failure, abort and
+    stop. The orbit feedback is paused while it runs (the plan claims the magnets).
+
+    Args:
+        bpms: the BPM family (an orbit source).
+        quadrupoles: the quadrupole family (candidates for each BPM's quadrupole).
+        hcorr: the horizontal corrector family.
+        vcorr: the vertical corrector family.
+        select: the BPMs to align (names, indices or a mask of ``bpms``); all by default.
+        quadrupole_of: ``{bpm: quadrupole}`` overriding the nearest quadrupole.
+        dk_rel: the modulation, a fraction of each quadrupole's strength (``dK = dk_rel * |K0|``
+            in 1/m^2), in ``(0, 0.1]``.
+        n_positions: bump amplitudes per BPM (>= 3).
+        span_m: largest bump amplitude at the quadrupole (m), in both planes.
+        planes: ``"x"``, ``"y"`` or ``"xy"`` (both under one modulation).
+        n_samples: orbit frames averaged per reading (>= 2 measures the noise from their
+            scatter; 1 takes the uncertainties from the fit residuals alone).
+        min_slope_snr: reject a fit whose slope is below this many standard deviations.
+        max_chi2_red: reject a fit whose reduced chi-square exceeds this.
+        timeout: longest wait for one fresh frame (s).
+        md: metadata added to the run's start document.
+
+    Returns:
+        The uid of the run: one ``primary`` event per reading (BPM, amplitude and sign indices,
+        bump amplitude in m, quadrupole strength in 1/m^2, orbit in m) and the result ``bba``
+        (``load_result(client, uid, "bba")``: per BPM its quadrupole, ``dK``, per plane the
+        centre and its uncertainty in m, slope, reduced chi-square, accepted / rejected with
+        the reason, the scan's readings and projections, and the bump knobs in rad/m).
+    """
+    description = description_of(bpms, quadrupoles, hcorr, vcorr)
+    if planes not in ("x", "y", "xy"):
+        raise ValueError(f"bba: planes must be 'x', 'y' or 'xy', got {planes!r}")
+    if not (np.isfinite(dk_rel) and 0 < dk_rel <= MAX_DK_REL):
+        raise ValueError(f"bba: dk_rel must be in (0, {MAX_DK_REL}], got {dk_rel!r}")
+    if not (np.isfinite(span_m) and 0 < span_m <= 5e-3):
+        raise ValueError(f"bba: span_m must be in (0, 5e-3] m, got {span_m!r}")
+    least = 4 if planes == "xy" else 3
+    if n_positions < least or n_samples < 1:
+        raise ValueError(
+            f"bba: n_positions >= {least} (planes {planes!r}) and n_samples >= 1, got "
+            f"{n_positions}, {n_samples}"
+        )
+    bpm_names = [str(n) for n in bpms.names]
+    rows = resolve_select(select, bpm_names, owner=bpms.name)
+    chosen = [bpm_names[int(i)] for i in rows]
+    if not chosen:
+        raise ValueError("bba: no BPM selected")
+    quad_names = [str(n) for n in quadrupoles.names]
+    overrides = dict(quadrupole_of or {})
+    bad = {b: q for b, q in overrides.items() if b not in chosen or q not in quad_names}
+    if bad:
+        raise ValueError(
+            f"bba: quadrupole_of {bad}: keys must be selected BPMs, values members of "
+            f"{quadrupoles.name}"
+        )
+    hnames, vnames = [str(n) for n in hcorr.names], [str(n) for n in vcorr.names]
+    amplitudes = np.linspace(-span_m, span_m, n_positions)
+    # both planes: y visits the same amplitudes in another order, so that the two readings are
+    # independent regressors and the coupling between the planes can be fitted
+    scan = {"x": amplitudes, "y": amplitudes[_decorrelated_order(n_positions)]}
+    if planes != "xy":
+        scan = {p: amplitudes for p in "xy"}
+    nb = len(bpm_names)
+    _md = run_metadata(
+        description,
+        plan_name="bba",
+        plan_args={
+            "bpms": bpms.name,
+            "quadrupoles": quadrupoles.name,
+            "hcorr": hcorr.name,
+            "vcorr": vcorr.name,
+            "select": repr(select),
+            "quadrupole_of": overrides,
+            "dk_rel": dk_rel,
+            "n_positions": n_positions,
+            "span_m": span_m,
+            "planes": planes,
+            "n_samples": n_samples,
+        },
+        units={
+            "step-amplitude_x": "m",
+            "step-amplitude_y": "m",
+            "step-strength": "1/m^2",
+            "orbit-x": "m",
+            "orbit-y": "m",
+        },
+        num_points=2 * n_positions * len(chosen),
+        bpm_names=chosen,
+    )
+    _md.update(md or {})
+
+    def plan() -> MsgGenerator[str]:
+        moved = [quadrupoles, hcorr, vcorr]
+        snapshot = yield from take_snapshot(description, moved)
+        hardware = {n: v for fam in snapshot.setpoints.values() for n, v in fam.items()}
+        knobs: list[BbaKnob] = yield from compute(
+            design_bba, description, hardware, chosen, quad_names, overrides, planes, hnames, vnames
+        )
+        k0 = np.asarray((yield from call_async(quadrupoles.strengths)), float)
+        base = {
+            "x": np.asarray((yield from call_async(hcorr.strengths)), float),
+            "y": np.asarray((yield from call_async(vcorr.strengths)), float),
+        }
+        quad_hw0 = snapshot.setpoints[quadrupoles.name]
+        families = {"x": hcorr, "y": vcorr}
+        names_of = {"x": hnames, "y": vnames}
+        # every value the plan will set, checked before anything moves
+        dks, q_index, settings = [], [], []
+        for knob in knobs:
+            q = quad_names.index(knob.quadrupole)
+            dk = dk_rel * abs(float(k0[q]))
+            if dk == 0:
+                raise ValueError(f"bba: {knob.quadrupole} is off (K0 = 0): nothing to modulate")
+            for sign in (1.0, -1.0):
+                values = k0.copy()
+                values[q] += sign * dk
+                quadrupoles.check_strengths(values)
+            per_plane = {}
+            for p in planes:
+                cols = [names_of[p].index(c) for c in knob.correctors[p]]
+                per_plane[p] = (cols, knob.kicks[p])
+                for a in (scan[p].min(), scan[p].max()):
+                    values = base[p].copy()
+                    values[cols] += a * knob.kicks[p]
+                    families[p].check_strengths(values)
+            dks.append(dk)
+            q_index.append(q)
+            settings.append(per_plane)
+        step = Record(
+            "step",
+            {
+                "bpm": 0,
+                "position": 0,
+                "sign": 0,
+                "amplitude_x": 0.0,
+                "amplitude_y": 0.0,
+                "strength": 0.0,
+            },
+            {"amplitude_x": "m", "amplitude_y": "m", "strength": "1/m^2"},
+        )
+        orbit_rec = Record(
+            "orbit", {"x": np.zeros(nb), "y": np.zeros(nb)}, {"x": "m", "y": "m"}, source=bpms.name
+        )
+
+        def measure(after: float) -> MsgGenerator[tuple[np.ndarray, np.ndarray]]:
+            """Mean orbit (2, nbpm) [m] of ``n_samples`` fresh frames, and their variance."""
+            samples, valid = [], np.ones(nb, bool)
+            for _ in range(n_samples):
+                frame = yield from read_orbit_frame(bpms, after=after, timeout=timeout)
+                samples.append(np.array([frame.x, frame.y], float))
+                valid &= np.asarray(frame.valid, bool)
+                after = frame.time + 2e-6
+            arr = np.array(samples)
+            mean = np.where(valid, arr.mean(axis=0), np.nan)
+            var = arr.var(axis=0, ddof=1) if n_samples > 1 else np.full((2, nb), np.nan)
+            return mean, var
+
+        def set_bump(k: int, i: int) -> MsgGenerator[float]:
+            """The bumps of BPM ``k`` at scan position ``i``; the time they read back."""
+            settled = 0.0
+            for p, (cols, kicks) in settings[k].items():
+                values = base[p].copy()
+                values[cols] += scan[p][i] * kicks
+                _, t = yield from set_and_settle(families[p], values, hardware=False)
+                settled = max(settled, t)
+            return settled
+
+        def set_quad(q: int, value: float) -> MsgGenerator[float]:
+            """Set quadrupole ``q`` alone to ``value`` (1/m^2); the time it read back."""
+            yield from call_async(quadrupoles.set_strengths, np.array([value]), [q])
+            _, t = yield from call_async(quadrupoles.stamped_readbacks)
+            return t
+
+        def unset_quad(q: int) -> MsgGenerator[None]:
+            """Quadrupole ``q`` back to its starting setpoint (A, exactly)."""
+            name = quad_names[q]
+            yield from call_async(quadrupoles.set_hardware, np.array([quad_hw0[name]]), [q])
+
+        fits: dict[str, list[BbaFit]] = {"x": [], "y": []}
+
+        def align(k: int) -> MsgGenerator[None]:
+            q, dk, b = q_index[k], dks[k], bpm_names.index(chosen[k])
+            orbits = np.full((n_positions, 2, 2, nb), np.nan)  # position, sign, plane, bpm
+            variances = np.full_like(orbits, np.nan)
+            for i in range(n_positions):
+                for j, sign in enumerate((1.0, -1.0)):
+                    # one step: absolute setpoints (the previous BPM's bump goes in the same
+                    # puts, its quadrupole back first), then fresh frames
+                    yield from bps.checkpoint()
+                    t_bump = yield from set_bump(k, i)
+                    if i == 0 and j == 0:
+                        if k > 0 and q_index[k - 1] != q:  # the previous BPM's quadrupole
+                            yield from unset_quad(q_index[k - 1])
+                        # one-sided approach (hysteresis): from K0 - dK
+                        yield from set_quad(q, float(k0[q] - dk))
+                    t_quad = yield from set_quad(q, float(k0[q] + sign * dk))
+                    orbit, var = yield from measure(max(t_bump, t_quad))
+                    orbits[i, j], variances[i, j] = orbit, var
+                    yield from bps.create("primary")
+                    yield from bps.read(
+                        step.update(
+                            bpm=b,
+                            position=i,
+                            sign=int(sign),
+                            amplitude_x=float(scan["x"][i]),
+                            amplitude_y=float(scan["y"][i]),
+                            strength=float(k0[q] + sign * dk),
+                        )
+                    )
+                    yield from bps.read(orbit_rec.update(x=orbit[0], y=orbit[1]))
+                    yield from bps.save()
+            readings = 0.5 * (orbits[:, 0, :, b] + orbits[:, 1, :, b])  # (npos, 2)
+            new: dict[str, BbaFit] = {}
+            for p in planes:
+                r = 0 if p == "x" else 1
+                noise = None
+                if n_samples > 1:  # pooled variance of one frame per BPM, all readings
+                    var = np.nanmean(variances[:, :, r], axis=(0, 1))
+                    noise = np.sqrt(var / n_samples)  # of one averaged reading
+                new[p] = fit_bba_center(
+                    readings[:, r],
+                    orbits[:, 0, r] - orbits[:, 1, r],
+                    sigma_position_m=None if noise is None else noise[b] / np.sqrt(2),
+                    sigma_change_m=None if noise is None else noise * np.sqrt(2),
+                    min_slope_snr=min_slope_snr,
+                    max_chi2_red=max_chi2_red,
+                    other_positions_m=readings[:, 1 - r] if planes == "xy" else None,
+                )
+            if planes == "xy":
+                new["x"], new["y"] = combine_bba_planes(new["x"], new["y"])
+            for p, fit in new.items():
+                fits[p].append(fit)
+
+        @bpp.run_decorator(md=_md)
+        def run() -> MsgGenerator[None]:
+            for k in range(len(knobs)):
+                yield from align(k)
+            yield from record_result("bba", **_result(planes, knobs, dks, fits, n_positions))
+
+        return cast(
+            str,
+            (yield from restore_on_exit(run(), moved, snapshot, policy="measurement", owner="bba")),
+        )
+
+    return (yield from plan())
+
+
+def _decorrelated_order(n: int) -> np.ndarray:
+    """An order of ``n`` equally spaced amplitudes uncorrelated (or least) with the sorted one."""
+    t = np.arange(n) - 0.5 * (n - 1)
+    best, best_corr = np.arange(n), np.inf
+    for step in range(1, n):
+        if np.gcd(step, n) != 1:
+            continue
+        for offset in range(n):
+            order = (step * np.arange(n) + offset) % n
+            corr = abs(float(t @ t[order]))
+            if corr < best_corr - 1e-9:
+                best, best_corr = order, corr
+    return best
+
+
+def _result(
+    planes: str,
+    knobs: Sequence[BbaKnob],
+    dks: Sequence[float],
+    fits: Mapping[str, Sequence[BbaFit]],
+    n_positions: int,
+) -> dict[str, Any]:
+    """The ``bba`` result's fields."""
+    n = len(knobs)
+    out: dict[str, Any] = {
+        "planes": planes,
+        "bpm_names": [k.bpm for k in knobs],
+        "quadrupole_names": [k.quadrupole for k in knobs],
+        "distance": np.array([k.distance for k in knobs]),
+        "dk": np.asarray(dks, float),
+    }
+    for p in "xy":
+        f = fits[p]
+        if p in planes:
+            out[f"center_{p}"] = np.array([x.center_m for x in f])
+            out[f"std_center_{p}"] = np.array([x.std_center_m for x in f])
+            out[f"slope_{p}"] = np.array([x.slope for x in f])
+            out[f"chi2_red_{p}"] = np.array([x.chi2_red for x in f])
+            out[f"accepted_{p}"] = np.array([x.ok for x in f])
+            out[f"rejected_{p}"] = [x.rejected for x in f]
+            out[f"positions_{p}"] = np.array([x.positions_m for x in f])
+            out[f"projections_{p}"] = np.array([x.projections_m for x in f])
+        else:
+            for key in ("center", "std_center", "slope", "chi2_red"):
+                out[f"{key}_{p}"] = np.full(n, np.nan)
+            out[f"accepted_{p}"] = np.zeros(n, bool)
+            out[f"rejected_{p}"] = ["plane not measured"] * n
+            out[f"positions_{p}"] = np.full((n, n_positions), np.nan)
+            out[f"projections_{p}"] = np.full((n, n_positions), np.nan)
+    knob_bpm, knob_plane, knob_corr, knob_kicks = [], [], [], []
+    for k, knob in enumerate(knobs):
+        for p in planes:
+            for c, v in zip(knob.correctors[p], knob.kicks[p], strict=True):
+                knob_bpm.append(k)
+                knob_plane.append(p)
+                knob_corr.append(c)
+                knob_kicks.append(float(v))
+    out.update(
+        knob_bpm=np.array(knob_bpm, np.int64),
+        knob_plane=knob_plane,
+        knob_correctors=knob_corr,
+        knob_kicks=np.array(knob_kicks),
+    )
+    return out
+
+
+def bba_knobs(result: Any, bpm: str) -> dict[str, dict[str, float]]:
+    """The scan knobs of ``bpm`` in a ``bba`` result: ``{plane: {corrector: kick per m}}``."""
+    k = list(result["bpm_names"]).index(bpm)
+    out: dict[str, dict[str, float]] = {}
+    for i, p, c, v in zip(
+        result["knob_bpm"],
+        result["knob_plane"],
+        result["knob_correctors"],
+        result["knob_kicks"],
+        strict=True,
+    ):
+        if int(i) == k:
+            out.setdefault(str(p), {})[str(c)] = float(v)
+    return out

@@ -1,0 +1,183 @@
+"""fit_bba_center on synthetic scans: known centre, calibrated uncertainties, rejections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from accplans.physics import combine_bba_planes, fit_bba_center
+
+NBPM = 30
+SIGMA = 1e-6  # BPM noise (m)
+
+
+def _scan(
+    rng: np.random.Generator,
+    *,
+    center: float = 37e-6,
+    slope: float = 0.5,
+    npos: int = 5,
+    span: float = 200e-6,
+    sigma_d: float = SIGMA * np.sqrt(2),
+    sigma_r: float = SIGMA / np.sqrt(2),
+    curvature: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Readings r (npos,), difference orbits (npos, NBPM), shape u: d = s (r - c) u + noise."""
+    u = np.sin(np.linspace(0, 9, NBPM) + 0.3)
+    u /= np.linalg.norm(u)
+    true_r = center + 30e-6 + np.linspace(-span, span, npos)
+    x = true_r - center
+    amp = slope * x * (1 + curvature * x / span)
+    d = amp[:, None] * u[None, :] + rng.normal(0, sigma_d, (npos, NBPM))
+    r = true_r + rng.normal(0, sigma_r, npos)
+    return r, d, u
+
+
+def test_recovers_the_centre_with_calibrated_uncertainty() -> None:
+    """400 scans with 1 um noise: the centre is unbiased, the pulls have unit width and
+    95 % of the 2-sigma intervals (+-2.5 %) contain the truth."""
+    rng = np.random.default_rng(5)
+    pulls, errors = [], []
+    for _ in range(400):
+        r, d, _ = _scan(rng)
+        fit = fit_bba_center(
+            r, d, sigma_position_m=SIGMA / np.sqrt(2), sigma_change_m=SIGMA * 1.414
+        )
+        assert fit.ok, fit.rejected
+        errors.append(fit.center_m - 37e-6)
+        pulls.append(errors[-1] / fit.std_center_m)
+    pulls_a = np.array(pulls)
+    print(f"\nerror rms {np.std(errors) * 1e6:.3f} um, pull mean {pulls_a.mean():.3f} "
+          f"std {pulls_a.std():.3f}")  # fmt: skip
+    assert abs(np.mean(errors)) < 3 * np.std(errors) / np.sqrt(400)
+    assert 0.85 < pulls_a.std() < 1.15
+    assert 0.925 <= np.mean(np.abs(pulls_a) < 2) <= 0.975
+    # the expected scatter: (noise of a / slope, noise of r) over sqrt(npos)
+    expected = np.hypot(SIGMA * np.sqrt(2) / 0.5, SIGMA / np.sqrt(2)) / np.sqrt(5)
+    assert np.std(errors) == pytest.approx(expected, rel=0.15)
+
+
+def test_unknown_noise_uses_the_residuals() -> None:
+    """Without noise figures the uncertainty comes from the residuals: pulls still ~ unit
+    width (Student's t with 3 dof: the std is sqrt(3), so about 1.2 to 2.2)."""
+    rng = np.random.default_rng(7)
+    pulls = []
+    for _ in range(400):
+        r, d, _ = _scan(rng, npos=5)
+        fit = fit_bba_center(r, d)
+        assert fit.ok, fit.rejected
+        pulls.append((fit.center_m - 37e-6) / fit.std_center_m)
+    # t-distribution with 3 degrees of freedom: 95 % of |t| < 3.18
+    assert 0.9 <= np.mean(np.abs(pulls) < 3.18) <= 0.99
+    assert np.isnan(fit.chi2_red)
+
+
+def test_model_direction_gives_the_same_centre() -> None:
+    rng = np.random.default_rng(3)
+    r, d, u = _scan(rng)
+    svd = fit_bba_center(r, d, sigma_position_m=0.7e-6, sigma_change_m=1.4e-6)
+    model = fit_bba_center(r, d, sigma_position_m=0.7e-6, sigma_change_m=1.4e-6, direction=-u)
+    assert model.center_m == pytest.approx(svd.center_m, abs=0.2e-6)
+    assert np.sum(model.direction) > 0  # the sign is fixed
+
+
+def test_invalid_bpms_are_left_out() -> None:
+    rng = np.random.default_rng(4)
+    r, d, _ = _scan(rng)
+    d[2, 5] = np.nan
+    fit = fit_bba_center(r, d, sigma_change_m=1.4e-6, sigma_position_m=0.7e-6)
+    assert fit.ok and fit.n_bpms == NBPM - 1 and np.isnan(fit.direction[5])
+    assert fit.center_m == pytest.approx(37e-6, abs=3 * fit.std_center_m)
+
+
+def test_no_modulation_effect_is_rejected_for_slope() -> None:
+    """A quadrupole that does not move the orbit (slope 0): rejected, the reason says so."""
+    rng = np.random.default_rng(1)
+    r, d, _ = _scan(rng, slope=0.0)
+    fit = fit_bba_center(r, d, sigma_position_m=0.7e-6, sigma_change_m=1.4e-6)
+    assert not fit.ok
+    assert fit.rejected.startswith("too little slope")
+
+
+def test_no_beam_motion_is_rejected_for_slope() -> None:
+    """A scan that does not move the beam at the BPM (span 0.2 um): rejected for slope."""
+    rng = np.random.default_rng(2)
+    r, d, _ = _scan(rng, span=0.2e-6)
+    fit = fit_bba_center(r, d, sigma_position_m=0.7e-6, sigma_change_m=1.4e-6)
+    assert "too little slope" in fit.rejected
+
+
+def test_nonlinear_scan_is_rejected() -> None:
+    """A strongly curved response (50 % at the ends) with 7 points: poor linearity."""
+    rng = np.random.default_rng(8)
+    r, d, _ = _scan(rng, curvature=0.5, npos=7)
+    fit = fit_bba_center(r, d, sigma_position_m=0.7e-6, sigma_change_m=1.4e-6)
+    assert fit.rejected.startswith("poor linearity"), fit.rejected
+    straight = fit_bba_center(*_scan(rng, npos=7)[:2], sigma_position_m=0.7e-6,
+                              sigma_change_m=1.4e-6)  # fmt: skip
+    assert straight.ok, straight.rejected
+
+
+def test_outlier_is_rejected_by_chi_square() -> None:
+    rng = np.random.default_rng(9)
+    r, d, u = _scan(rng, npos=6)
+    d[3] += 40e-6 * u  # a reading lost in the middle: 40 um along the shape
+    fit = fit_bba_center(r, d, sigma_position_m=0.7e-6, sigma_change_m=1.4e-6)
+    assert "poor linearity" in fit.rejected
+
+
+def test_centre_far_outside_the_scan_is_rejected() -> None:
+    rng = np.random.default_rng(10)
+    r, d, u = _scan(rng, center=0.0)
+    d += 0.5 * 1e-3 * u[None, :]  # the zero crossing 1 mm below the scanned readings
+    fit = fit_bba_center(r, d, sigma_position_m=0.7e-6, sigma_change_m=1.4e-6)
+    assert fit.center_m == pytest.approx(-1e-3, abs=10e-6)
+    assert "outside the scanned readings" in fit.rejected
+
+
+def test_too_few_positions_and_bad_input() -> None:
+    fit = fit_bba_center(np.zeros(2), np.zeros((2, 4)))
+    assert "need >= 3" in fit.rejected and np.isnan(fit.center_m)
+    with pytest.raises(ValueError, match="3 positions but 2"):
+        fit_bba_center(np.zeros(3), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="finite"):
+        fit_bba_center(np.array([0.0, np.nan, 1.0]), np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="sigma_change_m"):
+        fit_bba_center(np.arange(3.0), np.ones((3, 4)), sigma_change_m=-1.0)
+
+
+def test_both_planes_together_remove_the_coupling_bias() -> None:
+    """Each plane's kick couples 5 % into the other plane's orbit and the other plane sits
+    150 um from its centre on average: a fit of one plane alone is biased by ~15 um, the
+    joint fit (scan not in step, coupling term, both zero crossings solved together) finds
+    both centres within 3 sigma, with pulls of unit width over 200 scans."""
+    rng = np.random.default_rng(11)
+    u = np.sin(np.linspace(0, 9, NBPM) + 0.3)
+    v = np.cos(np.linspace(0, 7, NBPM))
+    u, v = u / np.linalg.norm(u), v / np.linalg.norm(v)
+    c = np.array([20e-6, -40e-6])
+    t = np.linspace(-1, 1, 5) * 150e-6
+    order = np.array([1, 2, 3, 4, 0])
+    pulls, biased, rejected = [], [], 0
+    for _ in range(200):
+        true = np.c_[t + 100e-6, t[order] + 110e-6]  # readings (x, y) at the scan positions
+        kx, ky = 0.5 * (true[:, 0] - c[0]), 0.4 * (true[:, 1] - c[1])
+        dx = np.outer(kx, u) + 0.05 * np.outer(ky, u) + rng.normal(0, 1.4e-6, (5, NBPM))
+        dy = np.outer(ky, v) + 0.05 * np.outer(kx, v) + rng.normal(0, 1.4e-6, (5, NBPM))
+        r = true + rng.normal(0, 0.7e-6, true.shape)
+        opts = {"sigma_position_m": 0.7e-6, "sigma_change_m": 1.4e-6}
+        fx = fit_bba_center(r[:, 0], dx, other_positions_m=r[:, 1], **opts)
+        fy = fit_bba_center(r[:, 1], dy, other_positions_m=r[:, 0], **opts)
+        jx, jy = combine_bba_planes(fx, fy)
+        if not (jx.ok and jy.ok):  # chi-square > 5 with 2 dof: 0.7 % of the fits
+            rejected += 1
+            continue
+        pulls.append(
+            [(jx.center_m - c[0]) / jx.std_center_m, (jy.center_m - c[1]) / jy.std_center_m]
+        )
+        biased.append(fit_bba_center(r[:, 0], dx, **opts).center_m - c[0])
+    pulls_a = np.array(pulls)
+    assert np.all(np.abs(pulls_a.mean(axis=0)) < 0.25)
+    assert np.all((0.8 < pulls_a.std(axis=0)) & (pulls_a.std(axis=0) < 1.25))
+    assert abs(np.mean(biased)) > 5e-6  # one plane alone is biased
+    assert rejected <= 8

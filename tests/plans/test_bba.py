@@ -1,0 +1,151 @@
+"""bba on the small ring's twin: fitted centres against the twin's truth, restore, refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+
+from accplans.config import load_description
+from accplans.data import BackgroundTiledWriter, load_result
+from accplans.devices import Machine
+from accplans.plans import bba, bba_knobs
+from accplans.sim import ErrorModel, TwinPorts, TwinProcess, bba_truth, run_twin
+from tests.plans.helpers import (
+    assert_same_setpoints,
+    connect_to,
+    drop_ca_channels,
+    hardware_setpoints,
+    renamed_description,
+    run_plan,
+    written_run,
+)
+
+#: the issue's error model: 100 um rms BPM offsets, 10 um rms quadrupole shifts, 1 um noise
+ERRORS = ErrorModel(bpm_offset_m=100e-6, quad_shift_m=10e-6, bpm_noise_m=1e-6)
+
+
+@pytest.fixture
+def bba_small(
+    run_engine: RunEngine, twin_ports: TwinPorts, tmp_path: Path
+) -> Iterator[tuple[TwinProcess, Machine]]:
+    """The small ring with the issue's errors, seed 2, noise on (own process and prefix)."""
+    path = renamed_description(load_description("small"), "B", tmp_path)
+    with run_twin(path, seed=2, errors=ERRORS, noise=True, ports=twin_ports) as twin:
+        yield twin, connect_to(twin, load_description(path))
+        drop_ca_channels()
+
+
+def _setpoints(machine: Machine) -> dict[str, np.ndarray]:
+    return hardware_setpoints([machine.quadrupoles, machine.hcorr, machine.vcorr])
+
+
+def test_bba_centres_agree_with_the_truth_and_everything_is_restored(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    bba_small: tuple[TwinProcess, Machine],
+    tmp_path: Path,
+) -> None:
+    """All 16 BPMs, both planes under one modulation: every fit accepted; against the truth
+    (the noise-free reading with the beam through the quadrupole's centre, same knob) the
+    errors are <= 2 um rms and <= 6 um max per plane (the issue's figures), each within
+    4 sigma + 0.3 um of the fit's own uncertainty; quadrupoles and correctors are restored
+    exactly. The fitted centre differs from the BPM offset by far more than the error (the
+    truth is not the offset)."""
+    twin, machine = bba_small
+    description = machine.description
+    fams = (machine.bpms, machine.quadrupoles, machine.hcorr, machine.vcorr)
+    before = _setpoints(machine)
+    truth = twin.control.export_truth(tmp_path / "truth")
+    result = run_plan(
+        run_engine,
+        bba(*fams, dk_rel=0.1, n_samples=4, n_positions=7, span_m=300e-6),
+    )
+    assert result.exit_status == "success"
+    assert_same_setpoints(_setpoints(machine), before)
+    (uid,) = result.run_start_uids
+    run = written_run(client, writer, uid)
+    assert run["primary"].read().sizes["time"] == 16 * 7 * 2
+    res = load_result(client, uid, "bba")
+    names = res["bpm_names"]
+    assert names == [str(n) for n in machine.bpms.names]
+    errors = np.empty((len(names), 2))
+    for k, name in enumerate(names):
+        true = bba_truth(truth, description, name, res["quadrupole_names"][k], bba_knobs(res, name))
+        errors[k] = np.array([res["center_x"][k], res["center_y"][k]]) - true
+    std = np.c_[res["std_center_x"], res["std_center_y"]]
+    offsets = truth["bpm_offset_m"]
+    rms = np.sqrt(np.mean(errors**2, axis=0))
+    print(
+        f"\nerrors vs truth: rms x {rms[0] * 1e6:.2f} y {rms[1] * 1e6:.2f} um, max "
+        f"{np.max(np.abs(errors), axis=0) * 1e6} um; fit std median "
+        f"{np.median(std, axis=0) * 1e6} um; |distance| "
+        f"{np.min(np.abs(res['distance'])):.2f}-{np.max(np.abs(res['distance'])):.2f} m"
+    )
+    for k, name in enumerate(names):
+        print(
+            f"{name} {res['quadrupole_names'][k]} err ({errors[k, 0] * 1e6:+.2f}, "
+            f"{errors[k, 1] * 1e6:+.2f}) um, std ({std[k, 0] * 1e6:.2f}, {std[k, 1] * 1e6:.2f}),"
+            f" slope ({res['slope_x'][k]:.3f}, {res['slope_y'][k]:.3f})"
+        )
+    rejected = [r for r in res["rejected_x"] + res["rejected_y"] if r]
+    assert all(res["accepted_x"]) and all(res["accepted_y"]), rejected
+    assert np.all(rms <= 2e-6)
+    assert np.all(np.abs(errors) <= 6e-6)
+    assert np.all(np.abs(errors) <= 4 * std + 0.3e-6)
+    # the truth is not the offset: the beam is not at the BPM's offset when centred in the quad
+    gap = np.abs(np.c_[res["center_x"], res["center_y"]] - offsets * truth["bpm_gain"])
+    assert np.max(gap) > 10 * np.max(np.abs(errors))
+
+
+def test_a_modulation_too_weak_is_rejected_with_the_reason(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    bba_small: tuple[TwinProcess, Machine],
+) -> None:
+    """A 1e-4 relative modulation moves the orbit by ~nm: both planes' fits are rejected for
+    too little slope (the reason recorded), and everything is restored."""
+    _, machine = bba_small
+    before = _setpoints(machine)
+    result = run_plan(
+        run_engine,
+        bba(
+            machine.bpms, machine.quadrupoles, machine.hcorr, machine.vcorr,
+            select=["BPM003"], dk_rel=1e-4, n_positions=4,
+        ),
+    )  # fmt: skip
+    assert result.exit_status == "success"
+    assert_same_setpoints(_setpoints(machine), before)
+    (uid,) = result.run_start_uids
+    written_run(client, writer, uid)
+    res = load_result(client, uid, "bba")
+    print(res["rejected_x"], res["rejected_y"])
+    for p in "xy":
+        assert not res[f"accepted_{p}"][0]
+        assert res[f"rejected_{p}"][0].startswith("too little slope")
+
+
+def test_bad_input_is_refused_before_any_move(
+    run_engine: RunEngine, bba_small: tuple[TwinProcess, Machine]
+) -> None:
+    """An unknown BPM, a modulation out of range, a quadrupole that is not in the family, a
+    bump beyond the correctors' limits: refused, nothing moved."""
+    _, machine = bba_small
+    before = _setpoints(machine)
+    fams = (machine.bpms, machine.quadrupoles, machine.hcorr, machine.vcorr)
+    with pytest.raises(KeyError, match="BPM999"):
+        run_plan(run_engine, bba(*fams, select=["BPM999"]))
+    for dk_rel in (0.0, 0.5, float("nan")):
+        with pytest.raises(ValueError, match="dk_rel"):
+            run_plan(run_engine, bba(*fams, select=[0], dk_rel=dk_rel))
+    with pytest.raises(ValueError, match="quadrupole_of"):
+        run_plan(run_engine, bba(*fams, select=["BPM001"], quadrupole_of={"BPM001": "QX"}))
+    with pytest.raises(Exception, match="limit"):
+        run_plan(run_engine, bba(*fams, select=["BPM001"], span_m=4e-3))
+    assert_same_setpoints(_setpoints(machine), before)
