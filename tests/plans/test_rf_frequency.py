@@ -19,7 +19,7 @@ from accplans.sim import TwinProcess
 from tests.plans.helpers import connect_to, machine_setpoints, run_plan, written_run
 
 
-@pytest.mark.twin(seed=1, noise=True)
+@pytest.mark.twin(seed=1, noise=False)
 def test_the_frequency_follows_the_true_circumference(
     run_engine: RunEngine,
     writer: BackgroundTiledWriter,
@@ -29,14 +29,17 @@ def test_the_frequency_follows_the_true_circumference(
     tmp_path: Path,
 ) -> None:
     """Circumference errors of +100 um, then -100 um: the two frequencies found differ by
-    ``h c / (C + 100 um) - h c / (C - 100 um)`` (1.9 kHz on the small ring) within 3 %, the
+    ``h c / (C + 100 um) - h c / (C - 100 um)`` (1.9 kHz on the small ring) within 0.5 %, the
     correctors do not move and the frequency is kept (a correction plan).
 
     The small ring has more horizontal correctors (24) than BPMs (16): its orbit cannot tell
     an energy offset from a corrector pattern, so the absolute frequency is set by the fit's
     regularisation (an energy offset of 2-3e-5, kHz at alpha_c 0.21; EBS, where it is not,
     is the next test). What the orbit does fix is how the frequency follows the ring. The
-    degenerate fit also amplifies the BPM noise (tens of Hz per step), hence 20 frames.
+    degenerate fit also turns 1 um of BPM noise into tens of Hz per step (a scatter of 3-4 %
+    of the shift between two runs of 20 frames a step), so this test of the tracking runs
+    without noise (EBS, with noise, is the next test); it converges slowly (each step about a
+    quarter of the one before), hence up to 10 steps.
     """
     assert machine.rf is not None
     control = fresh_small_twin.control
@@ -51,8 +54,8 @@ def test_the_frequency_follows_the_true_circumference(
                 machine.hcorr,
                 machine.rf,
                 tolerance_hz=1.0,
-                iterations=5,
-                n_samples=20,
+                iterations=10,
+                n_samples=2,
             ),
         )
         assert result.exit_status == "success"
@@ -70,7 +73,7 @@ def test_the_frequency_follows_the_true_circumference(
     moved = found[100e-6] - found[-100e-6]
     shift = expected[100e-6] - expected[-100e-6]
     print(f"frequency moved {moved:.1f} Hz for {shift:.1f} Hz")
-    assert abs(moved - shift) < 0.03 * abs(shift)
+    assert abs(moved - shift) < 0.005 * abs(shift)
     for family, values in correctors.items():
         assert np.array_equal(machine_setpoints(machine)[family], values)
 
