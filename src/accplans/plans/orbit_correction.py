@@ -33,10 +33,11 @@ __all__ = [
 DEFAULT_RELATIVE_ALPHA = 1e-3
 """``correct_orbit``'s default Tikhonov parameter, as a fraction of the largest singular value.
 
-On the EBS twin (singular values 632 to 0.045 m/rad) an unregularised inverse amplifies the
-1 um BPM noise and the model error of the small singular values into kicks that lose the beam;
-1e-3 of the largest keeps corrector rms near 25 urad and reaches the issue's orbit figures in
-three iterations on three seeds (``benchmarks/orbit_correction.py``).
+On the EBS twin (singular values 632 to 0.045 m/rad, 10 um rms quadrupole misalignments, 1 um
+BPM noise) an unregularised inverse turns the noise and the model error into kicks along the
+smallest singular vectors: 131 urad rms of correctors and tunes 0.2 off. 1e-3 of the largest
+keeps the corrector rms at 16-18 urad and reaches the orbit-control issue's figures in three
+iterations on three seeds (``benchmarks/orbit_correction.py``).
 """
 
 

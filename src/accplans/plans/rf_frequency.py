@@ -20,12 +20,9 @@ from ._record import Record
 from ._safety import check_hardware_limits, description_of, restore_on_exit, take_snapshot
 from ._stubs import read_orbit_frame, set_and_settle
 from ._worker import compute
+from .orbit_correction import DEFAULT_RELATIVE_ALPHA  # the same default as correct_orbit
 
 __all__ = ["RfFitResponse", "correct_rf_frequency", "rf_fit_response", "rf_frequency_step"]
-
-#: Default Tikhonov parameter, relative to the largest singular value of the response (the
-#: same default as ``correct_orbit``).
-DEFAULT_RELATIVE_ALPHA = 1e-3
 
 
 class RfFitResponse(NamedTuple):
