@@ -138,6 +138,6 @@ def test_bad_input_is_refused_before_any_move(
 def test_measure_tunes_refuses_bad_arguments(run_engine: RunEngine, machine: Machine) -> None:
     assert machine.tune is not None
     with pytest.raises(ValueError, match="tbt"):
-        run_engine(measure_tunes(machine.tune, method="tbt"))  # pyright: ignore[reportArgumentType]
+        run_engine(measure_tunes(machine.tune, method="tbt"))
     with pytest.raises(ValueError, match="n_samples"):
         run_engine(measure_tunes(machine.tune, n_samples=0))
