@@ -6,8 +6,8 @@ noise, the other errors at their defaults); for each seed the orbit is corrected
 on ``--n-bpms`` BPMs spread round the ring. Printed per seed: the wall time, the accepted fits,
 the rms and largest error of the accepted centres against ``accplans.sim.bba_truth`` (the
 issue: <= 2 um rms, <= 6 um max, both planes), the median reported uncertainty, the largest
-pull, and the reasons of the rejected fits. The full-ring serial and parallel benchmark of
-the issue is still to come.
+pull, and the reasons of the rejected fits. The full-ring serial and parallel benchmark is
+``benchmarks/bba_full_ring.py``.
 
 Run: ``.venv/bin/python benchmarks/bba.py [--seeds 1 2 3] [--n-bpms 20]``.
 """

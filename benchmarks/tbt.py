@@ -5,8 +5,9 @@ noise per turn), with four bad BPMs injected at random (dead, noisy 100 um, gain
 swapped):
 
 1. ``measure_tbt`` at a "large" kick (default 60/60 urad, ``--shots`` shots of ``--turns``
-   turns): beta from phase against pyAT's beta of the exported true lattice (rms over the
-   BPMs not flagged, per plane; the issue: <= 1 %), the phase advances between neighbouring
+   turns, ``beta_method="fit"``): beta from phase, 3-BPM and fitted model, against pyAT's
+   beta of the exported true lattice (rms over the BPMs not flagged, per plane; the issue:
+   <= 1 %), the phase advances between neighbouring
    good BPMs (rms error, mrad), the bad BPMs flagged (true positives of 4, false positives of
    the other BPMs; the issue: all 4, <= 1 %);
 2. ``measure_tbt`` at a "small" kick (default 20/20 urad): the tunes against pyAT's
@@ -48,7 +49,13 @@ BAD_KINDS = (("dead", 0.0), ("noisy", 100e-6), ("gain", 1.3), ("swapped", 0.0))
 
 
 def run_measurement(
-    engine: RunEngine, buffers: TbtBuffers, pinger: Pinger, kick: float, args: Any, model: Any
+    engine: RunEngine,
+    buffers: TbtBuffers,
+    pinger: Pinger,
+    kick: float,
+    args: Any,
+    model: Any,
+    beta_method: str = "3bpm",
 ) -> tuple[dict[str, np.ndarray], float]:
     """One ``measure_tbt`` run; its ``tbt`` result (field -> array) and duration (s)."""
     found: dict[str, Any] = {}
@@ -70,6 +77,7 @@ def run_measurement(
             turns=args.turns,
             shots=args.shots,
             model=model,
+            beta_method=beta_method,
         ),
         collect,
     )
@@ -106,7 +114,9 @@ def main() -> None:
             bad = {names[i]: kind for i, kind in zip(picks, BAD_KINDS, strict=True)}
             for name, (kind, value) in bad.items():
                 twin.control.set_bad_bpm(name, kind, value)
-            large, t_large = run_measurement(engine, buffers, pinger, large_kick, args, model)
+            large, t_large = run_measurement(
+                engine, buffers, pinger, large_kick, args, model, "fit"
+            )
             small, t_small = run_measurement(engine, buffers, pinger, small_kick, args, model)
             with tempfile.TemporaryDirectory() as tmp:
                 truth = twin.control.export_truth(tmp)
@@ -122,11 +132,14 @@ def main() -> None:
             injected = {names.index(b) for b in bad}
             tp, fp = len(flagged & injected), len(flagged - injected)
             good = ~np.asarray(large["bad"], bool)
-            beta_rms, phase_rms = [], []
+            beta_rms, phase_rms, beta3_rms = [], [], []
             for p, plane in enumerate(("x", "y")):
                 rel = large[f"beta_{plane}"][good] / optics.beta[good, p] - 1
                 rel = rel[np.isfinite(rel)]
                 beta_rms.append(float(np.sqrt(np.mean(rel**2))))
+                rel = large[f"beta_3bpm_{plane}"][good] / optics.beta[good, p] - 1
+                rel = rel[np.isfinite(rel)]
+                beta3_rms.append(float(np.sqrt(np.mean(rel**2))))
                 d = np.diff(large[f"phase_advance_{plane}"][good]) - np.diff(optics.mu[good, p])
                 phase_rms.append(float(np.sqrt(np.mean(d**2))))
             print(f"seed {seed}: true tunes {true_q.round(6).tolist()}")
@@ -136,8 +149,13 @@ def main() -> None:
                 ("extrapolated to 0", q0),
             ):
                 print(f"  tunes at {label:>17}: dQ = {np.round(q - true_q, 7).tolist()}")
+            true_beat = np.sqrt(np.mean((optics.beta[good] / model[1].T[good] - 1) ** 2, axis=0))
             print(
-                f"  beta from phase rms error x {beta_rms[0]:.4f} y {beta_rms[1]:.4f}; phase "
+                f"  true beating x {true_beat[0]:.4f} y {true_beat[1]:.4f}; 3-BPM beta rms error "
+                f"x {beta3_rms[0]:.4f} y {beta3_rms[1]:.4f}"
+            )
+            print(
+                f"  beta from phase (fit) rms error x {beta_rms[0]:.4f} y {beta_rms[1]:.4f}; phase "
                 f"advance rms error x {phase_rms[0] * 1e3:.2f} y {phase_rms[1] * 1e3:.2f} mrad; "
                 f"beating measured x {float(large['beating_rms_x']):.4f} "
                 f"y {float(large['beating_rms_y']):.4f}"
@@ -147,11 +165,11 @@ def main() -> None:
                 f"{n - len(injected)} ({100 * fp / (n - len(injected)):.2f} %); "
                 f"plan durations {t_large:.1f} s, {t_small:.1f} s"
             )
-            summary.append((seed, np.max(np.abs(q0 - true_q)), *beta_rms, tp, fp))
+            summary.append((seed, np.max(np.abs(q0 - true_q)), *beta3_rms, *beta_rms, tp, fp))
     shutdown_workers()
-    print("seed  max|dQ0|   beta_rms_x beta_rms_y  TP  FP")
-    for seed, dq, bx, by, tp, fp in summary:
-        print(f"{seed:4d}  {dq:.2e}   {bx:.4f}     {by:.4f}      {tp}  {fp}")
+    print("seed  max|dQ0|   3bpm_x  3bpm_y  fit_x   fit_y   TP  FP")
+    for seed, dq, b3x, b3y, bx, by, tp, fp in summary:
+        print(f"{seed:4d}  {dq:.2e}   {b3x:.4f}  {b3y:.4f}  {bx:.4f}  {by:.4f}  {tp}  {fp}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ PostgreSQL at 127.0.0.1:5432 and drops them at the end; it never touches other d
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,7 +71,10 @@ def databases() -> Iterator[dict[str, str]]:
     try:
         asyncio.run(_admin("SELECT 1"))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        pytest.skip(f"PostgreSQL unreachable on 127.0.0.1:5432 as user postgres ({exc!r})")
+        reason = f"PostgreSQL unreachable on 127.0.0.1:5432 as user postgres ({exc!r})"
+        if os.environ.get("CI"):  # .ci/run starts it: in CI its absence is a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
     prefix = f"accplans_test_{secrets.token_hex(6)}"
     names = {role: f"{prefix}_{role}" for role in DB_ROLES}
     created: list[str] = []

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from accplans.config import MachineDescription, load_description
-from accplans.devices import connect
+from accplans.devices import MagnetFamily, connect
 from accplans.sim import TwinPorts, run_twin
 from tests.plans.helpers import renamed_description
 
@@ -40,6 +40,14 @@ def _coupled(directory: Path) -> Path:
     groups = [g for g in by_element.values() if set(g) == set(ORDER)]
     assert len(groups) == 8  # every SF has its four windings
     data["crosstalk"] = [{"devices": [g[k] for k in ORDER], "matrix": MATRIX} for g in groups]
+    # both corrector windings of every SF in one family: a set of it moves two coupled
+    # channels of one magnet at once
+    prefix = small.machine.prefix
+    data["families"]["sfcorr"] = {
+        "kind": "corrector",
+        "devices": [g[k] for g in groups for k in ("corrector/h", "corrector/v")],
+        "pvs": {"setpoint": f"{prefix}SFCORR:SP", "readback": f"{prefix}SFCORR:RB"},
+    }
     return renamed_description(MachineDescription.model_validate(data), "X", directory)
 
 
@@ -84,3 +92,16 @@ async def test_setting_coupled_channels_gives_the_beam_the_requested_strengths(
         await hcorr.set_strengths(np.full(len(hcorr), -3e-5))
         true_k2 = _truth_values(twin, sf_specs, "PolynomB", 2, tmp_path / "d")
         np.testing.assert_allclose(await sext.strengths(sf), true_k2, rtol=1e-9)
+        # H and V windings of one magnet set together: solved jointly (each one solved with
+        # the other held at its old current would miss by 0.01-0.02 of the other's change)
+        both = machine.families["sfcorr"]
+        assert isinstance(both, MagnetFamily)
+        h_specs, v_specs = both.specs[0::2], both.specs[1::2]
+        kicks = np.tile([4e-5, -6e-5], len(h_specs))
+        kicks[::2] += 1e-6 * np.arange(len(h_specs))
+        await both.set_strengths(kicks)
+        true_h = _truth_values(twin, h_specs, "KickAngle", 0, tmp_path / "e")
+        true_v = _truth_values(twin, v_specs, "KickAngle", 1, tmp_path / "f")
+        np.testing.assert_allclose(true_h, kicks[0::2], rtol=1e-9)
+        np.testing.assert_allclose(true_v, kicks[1::2], rtol=1e-9)
+        np.testing.assert_allclose(await both.strengths(), kicks, rtol=1e-9)

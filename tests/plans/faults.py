@@ -32,6 +32,7 @@ and a fault "after the N-th set" strikes at the message that follows it (the set
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -41,19 +42,23 @@ from typing import Any
 import at
 import bluesky.preprocessors as bpp
 import numpy as np
+from bluesky.run_engine import call_in_bluesky_event_loop
 from bluesky.utils import Msg, MsgGenerator
 
 from accplans.config import MachineDescription, build_lattice
 from accplans.data import Result
-from accplans.devices import Machine, SettableFamily
+from accplans.devices import Machine, Pinger, SettableFamily, TbtBuffers
 from accplans.plans import (
     bba,
     correct_chromaticity,
+    correct_optics,
+    correct_optics_tbt,
     correct_orbit,
     correct_rf_frequency,
     correct_tunes,
     load_optics,
     measure_chromaticity,
+    measure_coupling,
     measure_dispersion,
     measure_orm,
     orbit_bump,
@@ -327,6 +332,56 @@ def _correct_chromaticity(machine: Machine) -> Built:
     return plan, families
 
 
+@register("correct_optics", fault_after_sets=(2,), fault_after_events=1, reads_orbit=False)
+def _correct_optics(machine: Machine) -> Built:
+    """A ``loco`` result asking for +0.2 % on every quadrupole, applied in three steps (one set
+    of the quadrupoles and one event each)."""
+    quadrupoles = machine.quadrupoles
+    families: list[SettableFamily] = [quadrupoles]
+
+    def plan() -> MsgGenerator[str]:
+        snapshot = yield from take_snapshot(machine.description, families)
+        start = np.array([snapshot.setpoints[quadrupoles.name][n] for n in quadrupoles.names])
+        data = {
+            "quadrupole_names": [str(n) for n in quadrupoles.names],
+            "quadrupole_start": start,
+            "quadrupole_target": start * 1.002,
+        }
+        return (
+            yield from correct_optics(Result("loco", 1, "no-run", data, {}), quadrupoles, steps=3)
+        )
+
+    return plan(), families
+
+
+@register("correct_optics_tbt", fault_after_sets=(2,), fault_after_events=2, reads_orbit=True)
+def _correct_optics_tbt(machine: Machine) -> Built:
+    """One pinger shot per measurement: set 1 fires the first shot, sets 2 and 3 move the
+    quadrupoles and fire (one event per set); a fault after event 2 strikes after the first
+    quadrupole step. The pinger's kicks are restored too (its own tests check them:
+    tests/plans/test_optics_tbt.py)."""
+    description = machine.description
+    buffers = TbtBuffers.for_family(description.families_of_kind("bpm")[0], description)
+    pinger = Pinger.for_machine(description)
+
+    async def connect() -> None:
+        await asyncio.gather(buffers.connect(timeout=10), pinger.connect(timeout=10))
+
+    call_in_bluesky_event_loop(connect())
+    families: list[SettableFamily] = [machine.quadrupoles]
+    plan = correct_optics_tbt(
+        buffers,
+        pinger,
+        machine.quadrupoles,
+        amplitude_x=100e-6,
+        amplitude_y=100e-6,
+        turns=256,
+        shots=1,
+        iterations=2,
+    )
+    return plan, families
+
+
 # -- faults ---------------------------------------------------------------------------------
 class InjectedFault(RuntimeError):
     """The failure :func:`fail_after_sets` throws into a plan."""
@@ -431,3 +486,24 @@ def twin_setpoints(twin: TwinProcess, description: MachineDescription) -> dict[s
         "sextupoles": description.families["sextupoles"].pvs["setpoint"],
     }
     return {k: np.atleast_1d(np.asarray(twin.control.get(pv), float)) for k, pv in pvs.items()}
+
+
+#: The coupling plans' columns in the fault tests: sets 1-4 kick HCM002/HCM006 (+-), 5-8
+#: VCM003/VCM007, 9-10 step the RF frequency (+-); one event per set.
+COUPLING_SELECT = ["HCM002", "HCM006", "VCM003", "VCM007"]
+
+
+@register("measure_coupling", fault_after_sets=(3, 9), fault_after_events=3, reads_orbit=True)
+def _measure_coupling(machine: Machine) -> Built:
+    assert machine.rf is not None and machine.skew is not None
+    families: list[SettableFamily] = [machine.hcorr, machine.vcorr, machine.rf]
+    plan = measure_coupling(
+        machine.bpms,
+        [machine.hcorr, machine.vcorr],
+        machine.rf,
+        machine.skew,
+        select=COUPLING_SELECT,
+        n_samples=1,
+        timeout=5,
+    )
+    return plan, families

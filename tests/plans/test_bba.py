@@ -13,8 +13,15 @@ from bluesky import RunEngine
 from accplans.config import load_description
 from accplans.data import BackgroundTiledWriter, load_result
 from accplans.devices import Machine
-from accplans.plans import bba, bba_knobs
-from accplans.sim import ErrorModel, TwinPorts, TwinProcess, bba_truth, run_twin
+from accplans.plans import bba, bba_knobs, correct_orbit
+from accplans.sim import (
+    ErrorModel,
+    TwinPorts,
+    TwinProcess,
+    bba_truth,
+    beam_in_quadrupoles,
+    run_twin,
+)
 from tests.plans.helpers import (
     assert_same_setpoints,
     connect_to,
@@ -149,3 +156,106 @@ def test_bad_input_is_refused_before_any_move(
     with pytest.raises(Exception, match="limit"):
         run_plan(run_engine, bba(*fams, select=["BPM001"], span_m=4e-3))
     assert_same_setpoints(_setpoints(machine), before)
+
+
+def _rms(values: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.asarray(values) ** 2)))
+
+
+def test_parallel_bba_and_correction_to_its_reference_centre_the_beam_in_the_quadrupoles(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    bba_small: tuple[TwinProcess, Machine],
+    tmp_path: Path,
+) -> None:
+    """Parallel BBA of all 16 BPMs (the serial test's settings): fewer groups than BPMs
+    (no shared corrector in a group, ``n_steps`` = 2 n_positions per group), every fit
+    accepted, <= 2 um rms and <= 6 um max against the truth (the group's own knob), within
+    4 sigma + 0.3 um of the fit's uncertainty; everything restored. Then the orbit corrected
+    to zero readings leaves the true beam ~100 um from the quadrupoles' centres, and
+    corrected to the BBA reference within 15 um rms of them and at least 5x closer (the
+    issue's figures)."""
+    twin, machine = bba_small
+    description = machine.description
+    fams = (machine.bpms, machine.quadrupoles, machine.hcorr, machine.vcorr)
+    correctors = [machine.hcorr, machine.vcorr]
+    before = _setpoints(machine)
+    truth = twin.control.export_truth(tmp_path / "truth")
+    n_positions = 7
+    result = run_plan(
+        run_engine,
+        bba(
+            *fams,
+            parallel=True,
+            max_inflation=1.2,
+            dk_rel=0.1,
+            n_samples=4,
+            n_positions=n_positions,
+            span_m=300e-6,
+        ),  # fmt: skip,
+    )
+    assert result.exit_status == "success"
+    assert_same_setpoints(_setpoints(machine), before)
+    (uid,) = result.run_start_uids
+    written_run(client, writer, uid)
+    res = load_result(client, uid, "bba")
+    names = res["bpm_names"]
+    groups = np.asarray(res["group"])
+    n_groups = len(set(groups.tolist()))
+    assert n_groups < len(names)
+    assert res["n_steps"] == 2 * n_positions * n_groups
+    errors = np.array(
+        [
+            np.array([res["center_x"][k], res["center_y"][k]])
+            - bba_truth(truth, description, n, res["quadrupole_names"][k], bba_knobs(res, n))
+            for k, n in enumerate(names)
+        ]
+    )
+    std = np.c_[res["std_center_x"], res["std_center_y"]]
+    quads = list(res["quadrupole_names"])
+    print(
+        f"\nparallel: {n_groups} groups, {res['n_steps']} steps; errors rms "
+        f"{np.sqrt(np.mean(errors**2, axis=0)) * 1e6} um, max "
+        f"{np.max(np.abs(errors), axis=0) * 1e6} um; |pull| max {np.max(np.abs(errors / std)):.1f}"
+    )
+    for k, name in enumerate(names):
+        print(
+            f"{name} group {groups[k]} err ({errors[k, 0] * 1e6:+.2f}, {errors[k, 1] * 1e6:+.2f})"
+            f" um, std ({std[k, 0] * 1e6:.2f}, {std[k, 1] * 1e6:.2f}), inflation "
+            f"{res['inflation'][k]:.2f} {res['rejected_x'][k]} {res['rejected_y'][k]}"
+        )
+    assert all(res["accepted_x"]) and all(res["accepted_y"])
+    assert np.all(np.sqrt(np.mean(errors**2, axis=0)) <= 2e-6)
+    assert np.all(np.abs(errors) <= 6e-6)
+    assert np.all(np.abs(errors) <= 4 * std + 0.3e-6)
+    for g in set(groups.tolist()):  # a group's members share no bump corrector
+        members = np.flatnonzero(groups == g)
+        used = [c for k in members for p in "xy" for c in bba_knobs_of(res, int(k), p)]
+        assert len(used) == len(set(used))
+    # to the noise level (a third step there can look divergent): tolerance 2 um
+    zero = correct_orbit(machine.bpms, correctors, tolerance=2e-6)
+    assert run_plan(run_engine, zero).exit_status == "success"
+    off_before = beam_in_quadrupoles(
+        twin.control.export_truth(tmp_path / "zero"), description, quads
+    )
+    applied = run_plan(
+        run_engine, correct_orbit(machine.bpms, correctors, reference=res, tolerance=2e-6)
+    )
+    assert applied.exit_status == "success"
+    after = beam_in_quadrupoles(twin.control.export_truth(tmp_path / "after"), description, quads)
+    print(
+        f"beam - quadrupole centre rms: to zero {_rms(off_before) * 1e6:.1f} um, to the BBA "
+        f"reference {_rms(after) * 1e6:.1f} um"
+    )
+    assert _rms(after) <= 15e-6
+    assert _rms(off_before) >= 5 * _rms(after)
+
+
+def bba_knobs_of(res: Any, k: int, plane: str) -> list[str]:
+    """The correctors of BPM ``k``'s own bump in ``plane`` (not its group's)."""
+    return [
+        str(c)
+        for i, p, c in zip(res["knob_bpm"], res["knob_plane"], res["knob_correctors"], strict=True)
+        if int(i) == k and p == plane
+    ]

@@ -13,7 +13,7 @@ from bluesky import RunEngine
 
 from accplans.config import MachineDescription, build_lattice, load_description
 from accplans.data import BackgroundTiledWriter, load_result
-from accplans.devices import Machine
+from accplans.devices import Machine, call_async
 from accplans.model import strengths_from_lattice
 from accplans.plans import load_optics
 from accplans.sim import TwinPorts, TwinProcess, run_twin
@@ -191,3 +191,63 @@ def test_a_file_of_another_lattice_or_out_of_limits_is_refused_before_any_move(
     with pytest.raises(ValueError, match="does not exist"):
         run_engine(load_optics(families, str(tmp_path / "missing.mat")))
     assert_same_setpoints(hardware_setpoints([machine.quadrupoles, machine.sextupoles]), before)
+
+
+def test_a_load_of_some_channels_of_coupled_magnets_holds_the_others(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    twin_ports: TwinPorts,
+    tmp_path: Path,
+    journal: Path,
+) -> None:
+    """Cross-talk (tests/devices/test_crosstalk.py): every SF carries a sextupole, a skew and
+    two corrector windings, coupled by a matrix. Loading the quadrupoles, sextupoles and skew
+    quadrupoles of a JSON lattice file while the correctors are kicked gives the beam the file's
+    K2 and skew K1 on every SF (twin truth, 1e-9) and leaves the corrector currents alone; the
+    stored optics loads the same way after the correctors moved."""
+    from tests.devices.test_crosstalk import _coupled
+
+    yaml = _coupled(tmp_path)
+    description = load_description(yaml)
+    ring = build_lattice(description)
+    sf = [d for d in description.devices if d.element_names and d.element_names[0] == "SF"]
+    sf_elements = sorted({d.elements[0] for d in sf})
+    for k, e in enumerate(sf_elements):
+        ring[e].PolynomB[2] *= 1.05 + 0.01 * k
+        ring[e].PolynomA[1] = 1e-3 * (1 + 0.1 * k)
+    path = tmp_path / "coupled.json"
+    at.save_lattice(ring, str(path))
+
+    def assert_beam_has_the_file(truth_dir: Path) -> None:
+        truth = twin.control.export_truth(truth_dir).ring
+        for e in sf_elements:
+            assert truth[e].PolynomB[2] == pytest.approx(ring[e].PolynomB[2], rel=1e-9)
+            assert truth[e].PolynomA[1] == pytest.approx(ring[e].PolynomA[1], rel=1e-9)
+
+    with run_twin(yaml, errors=False, noise=False, ports=twin_ports) as twin:
+        machine = connect_to(twin, description)
+        assert machine.skew is not None
+        run_engine(call_async(machine.hcorr.set_strengths, 2e-5))
+        run_engine(call_async(machine.vcorr.set_strengths, -1e-5))
+        correctors = hardware_setpoints([machine.hcorr, machine.vcorr])
+        families = [machine.quadrupoles, machine.sextupoles, machine.skew]
+        result = run_plan(run_engine, load_optics(families, str(path), steps=2))
+        assert result.exit_status == "success"
+        assert_beam_has_the_file(tmp_path / "t1")
+        assert_same_setpoints(hardware_setpoints([machine.hcorr, machine.vcorr]), correctors)
+        # the hold mattered: the file's own currents (correctors at the file's zero kick)
+        # differ from those written
+        found = strengths_from_lattice(description, path)
+        sext = [d.name for d in sf if d.kind == "sextupole"]
+        written = hardware_setpoints([machine.sextupoles])["sextupoles"]
+        written = written[[machine.sextupoles.names.index(n) for n in sext]]
+        assert np.all(np.abs(written - found.hardware_of(sext)) > 1e-6 * np.abs(written))
+        # the stored optics, with the correctors moved meanwhile
+        uid = result.run_start_uids[0]
+        writer.flush(timeout=60)
+        run_engine(call_async(machine.hcorr.set_strengths, -3e-5))
+        again = run_plan(run_engine, load_optics(families, uid, steps=1, client=client))
+        assert again.exit_status == "success"
+        assert_beam_has_the_file(tmp_path / "t2")
+        drop_ca_channels()

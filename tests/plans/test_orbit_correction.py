@@ -270,3 +270,30 @@ def test_an_unregularised_correction_of_the_ebs_ring_overfits(
     strengths = np.concatenate([call_in_bluesky_event_loop(f.strengths()) for f in families])
     print(f"\nunregularised: correctors rms {_rms(strengths) * 1e6:.1f} urad")
     assert _rms(strengths) > 60e-6
+
+
+def test_reference_orbit_from_an_array_or_a_bba_result() -> None:
+    """An array is taken as x then y (flat or (2, nbpm)); a ``bba`` result gives each BPM's
+    accepted centre in the order asked, NaN for a rejected fit or a BPM it does not have;
+    another result kind or a wrong size is refused."""
+    from accplans.plans.orbit_correction import reference_orbit
+
+    names = ["B1", "B2", "B3"]
+    flat = np.arange(6.0) * 1e-6
+    assert np.array_equal(reference_orbit(flat, names), flat)
+    assert np.array_equal(reference_orbit(flat.reshape(2, 3), names), flat)
+    with pytest.raises(ValueError, match="2 x 3"):
+        reference_orbit(np.zeros(4), names)
+    data = {
+        "bpm_names": ["B3", "B1"],
+        "center_x": np.array([3e-6, 1e-6]),
+        "center_y": np.array([-3e-6, -1e-6]),
+        "accepted_x": np.array([True, True]),
+        "accepted_y": np.array([False, True]),
+    }
+    res = Result(kind="bba", version=2, uid="u", data=data, metadata={})
+    got = reference_orbit(res, names)
+    expected = np.array([1e-6, np.nan, 3e-6, -1e-6, np.nan, np.nan])
+    assert np.array_equal(got, expected, equal_nan=True)
+    with pytest.raises(ValueError, match="kind 'bba'"):
+        reference_orbit(Result(kind="orm", version=1, uid="u", data={}, metadata={}), names)

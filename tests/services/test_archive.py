@@ -10,6 +10,7 @@ the gaps are where the twin was away, and that the values are those the twin ser
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import signal
 import socket
@@ -187,6 +188,15 @@ def test_every_sample_reaches_tiled_once_across_tiled_and_twin_restarts(
         client = tiled.client()
         df = query(client, 0, 4e9)
         only_dcct = query(client, 0, 4e9, ["dcct", "rf_frequency"])
+        # a time range: exactly the samples with t0 <= time < t1, given as epoch or datetime
+        # (between two samples: a datetime holds microseconds)
+        times = df["time"].to_numpy()
+        i, j = len(times) // 3, 2 * len(times) // 3
+        t0, t1 = (float(times[k - 1] + times[k]) / 2 for k in (i, j))
+        window = query(client, t0, t1)
+        as_datetimes = query(
+            client, dt.datetime.fromtimestamp(t0, dt.UTC), dt.datetime.fromtimestamp(t1, dt.UTC)
+        )
         client.context.close()
     finally:
         for cm in reversed(stack):
@@ -197,6 +207,11 @@ def test_every_sample_reaches_tiled_once_across_tiled_and_twin_restarts(
 
     # every sample exactly once
     seq = df["seq"].to_numpy()
+    inside = (times >= t0) & (times < t1)
+    assert 0 < inside.sum() < len(df)
+    np.testing.assert_array_equal(window["seq"].to_numpy(), seq[inside])
+    np.testing.assert_array_equal(window.to_numpy(), df[inside].to_numpy())
+    np.testing.assert_array_equal(as_datetimes["seq"].to_numpy(), seq[inside])
     assert len(df) == stats.acquired
     np.testing.assert_array_equal(seq, np.arange(stats.acquired))
     chosen = ["seq", "time", "dcct_ok", "dcct_current", "dcct_lifetime", "rf_frequency"]
@@ -269,3 +284,63 @@ def test_a_spool_with_rows_of_another_configuration_is_refused(tmp_path: Path) -
     again = Spool(tmp_path, ["a_ok", "a_x"])  # the same configuration continues its sequence
     assert again.next_seq == 2 and again.pending() == 2
     again.close()
+
+
+def test_the_archive_command_records_until_sigterm_and_drains(
+    tmp_path: Path, twin_ports: TwinPorts, own_twin_description: Path
+) -> None:
+    """``accplans archive`` as an operator starts it (its own process, the key in the
+    environment): after SIGTERM it exits 0 with every sample in Tiled once (``seq`` 0..n-1),
+    the spool empty, and the values the twin serves."""
+    import subprocess
+    import sys
+
+    description = load_description(own_twin_description)
+    config = tmp_path / "archive.yml"
+    spool = tmp_path / "spool"
+    config.write_text(
+        f"signals: [dcct, rf, {{name: hcorr, select: [{HCORR[0]}]}}]\n"
+        f"rate_hz: 10\nbatch_rows: 5\nbatch_period_s: 0.2\nspool: {spool}\n"
+    )
+    with (
+        run_twin(own_twin_description, ports=twin_ports) as twin,
+        run_tiled_server(tmp_path / "tiled", _free_port()) as tiled,
+    ):
+        rf = float(twin.control.get(description.device("RF").pvs["frequency_readback"]))
+        command = [
+            *(sys.executable, "-m", "accplans.cli", "archive"),
+            *("--machine", str(own_twin_description)),
+            *("--address", f"127.0.0.1:{twin_ports.ca}"),
+            *("--tiled", tiled.uri, "--config", str(config)),
+        ]
+        env = {**os.environ, "TILED_API_KEY": tiled.api_key}
+        proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        client = tiled.client()
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if "archive" in client and len(query(client, 0, 4e9)) >= 10:
+                    break
+                time.sleep(0.5)
+            assert proc.poll() is None, proc.communicate()[0]
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, out
+            df = query(client, 0, 4e9)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            client.context.close()
+    assert len(df) >= 10
+    np.testing.assert_array_equal(df["seq"].to_numpy(), np.arange(len(df)))
+    assert "0 rows left in the spool" in out, out
+    ok = df["rf_ok"].to_numpy() == 1
+    assert ok.sum() >= 0.9 * len(df)
+    np.testing.assert_array_equal(df.loc[ok, "rf_frequency"], rf)
+    assert list(df.columns) == [
+        *("seq", "time", "dcct_ok", "dcct_current", "dcct_lifetime"),
+        *("rf_ok", "rf_frequency", "rf_voltage", "hcorr_ok", f"hcorr_{HCORR[0]}"),
+    ]

@@ -33,10 +33,12 @@ from ._models import (
     SectionSpec,
 )
 from ._pvs import (
+    EMITTANCE_PVS,
     FEEDBACK_PVS,
     PINGER_PVS,
     TBT_PVS,
     device_pvs,
+    emittance_pvs,
     family_pvs,
     feedback_pvs,
     machine_pvs,
@@ -77,6 +79,8 @@ __all__ = [
     "machine_pvs",
     "PINGER_PVS",
     "TBT_PVS",
+    "EMITTANCE_PVS",
+    "emittance_pvs",
     "pinger_pvs",
     "tbt_pvs",
     "magnetic_rigidity",

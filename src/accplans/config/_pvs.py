@@ -28,9 +28,11 @@ from __future__ import annotations
 
 __all__ = [
     "FEEDBACK_PVS",
+    "EMITTANCE_PVS",
     "PINGER_PVS",
     "TBT_PVS",
     "device_pvs",
+    "emittance_pvs",
     "family_pvs",
     "feedback_pvs",
     "machine_pvs",
@@ -146,3 +148,21 @@ def tbt_pvs(prefix: str, family: str) -> dict[str, str]:
 def pinger_pvs(prefix: str) -> dict[str, str]:
     """PV names of the pinger of the machine whose prefix is ``prefix``."""
     return {sig: f"{prefix}PINGER:{spec[0]}" for sig, spec in PINGER_PVS.items()}
+
+
+#: PVs of the emittance / beam-size monitor, under ``<prefix>EMIT:`` (not in the description,
+#: as the pinger): ``{signal: (suffix, record, unit, meaning)}``.
+EMITTANCE_PVS: dict[str, tuple[str, str, str, str]] = {
+    "x": ("X", "ai", "pm rad", "horizontal (mode 1) equilibrium emittance"),
+    "y": ("Y", "ai", "pm rad", "vertical (mode 2) equilibrium emittance"),
+    "size_x": ("SIZE_X", "ai", "um", "rms horizontal beam size at the source point"),
+    "size_y": ("SIZE_Y", "ai", "um", "rms vertical beam size at the source point"),
+    "timestamp": ("TIME", "ai", "s", "epoch of the magnet readbacks the values belong to"),
+    "busy": ("BUSY", "longin", "", "1 while new values are being computed"),
+    "counter": ("COUNTER", "longin", "", "increments at every publication (written last)"),
+}
+
+
+def emittance_pvs(prefix: str) -> dict[str, str]:
+    """PV names of the emittance monitor of the machine whose prefix is ``prefix``."""
+    return {sig: f"{prefix}EMIT:{spec[0]}" for sig, spec in EMITTANCE_PVS.items()}

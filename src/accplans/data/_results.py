@@ -428,6 +428,46 @@ register_result_kind(
 )
 
 
+def _check_coupling(values: Mapping[str, Any]) -> None:
+    v = float(values["c_minus_model"])
+    if not np.isfinite(v) or v < 0:
+        raise ValueError("'c_minus_model' must be finite and >= 0")
+
+
+register_result_kind(
+    ResultSchema(
+        kind="coupling",
+        version=1,
+        description=(
+            "Linear coupling from the off-diagonal ORM blocks and the vertical dispersion "
+            "(plans measure_coupling, correct_coupling): the skew strength changes that cancel "
+            "it (fit on the online model's response to the skew windings, BPM rolls fitted "
+            "too), |C-| of the model with the fitted coupling and after the change, and what "
+            "the emittance and tune monitors read."
+        ),
+        fields={
+            "skew_names": FieldSpec("", "(nskew,)", "str"),
+            "skew_strengths": FieldSpec("m^-2", "(nskew,)"),
+            "skew_change": FieldSpec("m^-2", "(nskew,)"),
+            "bpm_names": FieldSpec("", "(nbpm,)", "str"),
+            "bpm_roll": FieldSpec("rad", "(nbpm,)"),
+            "dy": FieldSpec("m", "(nbpm,)"),
+            "corrector_names": FieldSpec("", "(ncorr,)", "str"),
+            "coupling_rms": FieldSpec("m/rad", "()"),
+            "residual_rms": FieldSpec("m/rad", "()"),
+            "c_minus_model": FieldSpec("", "()"),
+            "dispersion_weight": FieldSpec("1/rad", "()"),
+            "emittance_x": FieldSpec("m", "()", optional=True),
+            "emittance_y": FieldSpec("m", "()", optional=True),
+            "emittance_ratio": FieldSpec("", "()", optional=True),
+            "tune_x": FieldSpec("", "()", optional=True),
+            "tune_y": FieldSpec("", "()", optional=True),
+        },
+        check=_check_coupling,
+    )
+)
+
+
 def result_schema(kind: str) -> ResultSchema:
     """The registered schema of ``kind``.
 

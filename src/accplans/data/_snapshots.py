@@ -194,7 +194,9 @@ register_result_kind(
             "Magnet strengths an optics sets (load_optics): each device's nominal strength "
             "(SI, unit in ``strength_units``) and hardware value (``hardware_units``), with the "
             "optics's fractional tunes and beta functions at the BPMs; ``source`` names the "
-            "lattice file or run it came from."
+            "lattice file or run it came from. Every channel of a multi-channel magnet some "
+            "of whose channels were loaded is listed (the optics's values, all channels "
+            "together); the currents written are the run's primary events."
         ),
         fields={
             "device_names": FieldSpec("", "(ndev,)", "str"),

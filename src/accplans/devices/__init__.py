@@ -46,7 +46,7 @@ from ._magnets import (
     Sextupole,
     SkewQuadrupole,
 )
-from ._monitors import Dcct, Rf, RfFrequency, TuneMonitor
+from ._monitors import Dcct, EmittanceMonitor, EmittanceReading, Rf, RfFrequency, TuneMonitor
 from ._numpy_printing import summarise_long_arrays
 from ._ophyd_v1 import OphydV1MagnetFamily, OphydV1OrbitSource
 from ._protocols import Arbiter, OrbitFrame, OrbitSource, SettableFamily, call_async
@@ -71,6 +71,8 @@ __all__ = [
     "CalibratedMovable",
     "Corrector",
     "Dcct",
+    "EmittanceMonitor",
+    "EmittanceReading",
     "EpicsProtocol",
     "Knob",
     "LimitError",

@@ -465,6 +465,16 @@ class CalibratedMovable(StandardReadable, StandardMovable[float]):
         return CalibratedLogic(setpoint=self.setpoint, readback=self.readback, owner=self)
 
     # -- cross-talk -------------------------------------------------------------------------
+    async def partner_nominal(self, *, readback: bool = False) -> np.ndarray:
+        """Nominal strengths of every channel of this magnet (``crosstalk.devices`` order).
+
+        Each other channel's own calibration of its setpoint (``readback``: its readback); this
+        channel's entry is NaN. A :class:`ValueError` if the device has no cross-talk.
+        """
+        if self.crosstalk is None:
+            raise ValueError(f"{self.name} is not a channel of a multi-channel magnet")
+        return await self._group_nominal(readback)
+
     async def _group_nominal(self, readback: bool) -> np.ndarray:
         """Nominal strengths of every cross-talk channel (own entry NaN), from their currents."""
         assert self.crosstalk is not None

@@ -327,13 +327,27 @@ class MagnetFamily(FamilyMembers[Magnet], StandardReadable):
         return out
 
     async def _nominal(self, values: np.ndarray, idx: npt.NDArray[np.intp]) -> np.ndarray:
-        """Nominal strengths that give the beam ``values`` (other channels' currents held)."""
+        """Nominal strengths that give the beam ``values`` (other channels' currents held).
+
+        Selected channels of one magnet (a family holding its H and V windings) are solved
+        together: ``M[S, S] n_S = values_S - M[S, O] n_O``, the channels ``O`` not selected
+        held at their present setpoints.
+        """
         coupled = np.flatnonzero(self._coupled[idx])
         if coupled.size == 0:
             return values
         out = values.copy()
+        groups: dict[tuple[str, ...], list[int]] = {}
         for k in coupled.tolist():
-            out[k] = await self.members[int(idx[k])].nominal_for(float(values[k]))
+            crosstalk = self.members[int(idx[k])].crosstalk
+            assert crosstalk is not None  # coupled members have one
+            groups.setdefault(tuple(crosstalk.devices), []).append(k)
+        for devices, ks in groups.items():
+            first = self.members[int(idx[ks[0]])]
+            assert first.crosstalk is not None
+            held = await first.partner_nominal()  # the selected channels' entries are ignored
+            channels = [devices.index(self._names[int(idx[k])]) for k in ks]
+            out[ks] = first.crosstalk.nominal_for(values[ks], channels, held)
         return out
 
     async def hardware_setpoints(self, select: Select = None) -> np.ndarray:

@@ -1,20 +1,25 @@
-"""RF system, beam current (DCCT) and tune monitor."""
+"""RF system, beam current (DCCT), tune monitor and emittance monitor."""
 
 from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Annotated as A
 
 import numpy as np
 import numpy.typing as npt
 from event_model import DataKey
-from ophyd_async.core import StandardReadable, WatchableAsyncStatus
+from ophyd_async.core import SignalR, StandardReadable, WatchableAsyncStatus
 from ophyd_async.core import StandardReadableFormat as Format
-from ophyd_async.epics.core import epics_signal_r, epics_signal_rw
+from ophyd_async.epics.core import EpicsDevice, PvSuffix, epics_signal_r, epics_signal_rw
 
 from accplans.config import DeviceSpec, MachineDescription
 
 from ._calibrated import CalibratedMovable, EpicsProtocol, LimitError, fill_units, pv
 from ._select import Select, resolve_select
 
-__all__ = ["Dcct", "Rf", "RfFrequency", "TuneMonitor"]
+__all__ = ["Dcct", "EmittanceMonitor", "EmittanceReading", "Rf", "RfFrequency", "TuneMonitor"]
 
 
 def _check_kind(spec: DeviceSpec, kind: str) -> None:
@@ -195,3 +200,95 @@ class TuneMonitor(StandardReadable):
         self.y = epics_signal_r(float, pv(spec.pvs["y"], protocol))
         self.add_readables([self.x, self.y], Format.HINTED_SIGNAL)
         super().__init__(name=spec.name if name is None else name)
+
+
+@dataclass(frozen=True)
+class EmittanceReading:
+    """One publication of the emittance monitor, in SI.
+
+    Attributes:
+        emittance: (2,) equilibrium emittances (x, y) [m rad].
+        size: (2,) rms beam sizes (x, y) at the source point [m].
+        time: epoch of the magnet readbacks the values belong to (s).
+        counter: the publication counter.
+    """
+
+    emittance: np.ndarray
+    size: np.ndarray
+    time: float
+    counter: int
+
+
+class EmittanceMonitor(StandardReadable, EpicsDevice):
+    """Equilibrium emittances (``x``, ``y``: pm rad) and beam sizes (``size_x``/``size_y``: um).
+
+    PVs follow :data:`accplans.config.EMITTANCE_PVS` (``<prefix>EMIT:``); build it with
+    :meth:`for_machine`. ``timestamp`` is the epoch of the magnet readbacks the values belong
+    to, ``counter`` increments at every publication (written last). :meth:`wait_for_reading`
+    gives the first publication for readbacks at or after a time, in SI.
+    """
+
+    x: A[SignalR[float], PvSuffix("X"), Format.HINTED_SIGNAL]
+    y: A[SignalR[float], PvSuffix("Y"), Format.HINTED_SIGNAL]
+    size_x: A[SignalR[float], PvSuffix("SIZE_X")]
+    size_y: A[SignalR[float], PvSuffix("SIZE_Y")]
+    timestamp: A[SignalR[float], PvSuffix("TIME"), Format.UNCACHED_SIGNAL]
+    counter: A[SignalR[int], PvSuffix("COUNTER"), Format.UNCACHED_SIGNAL]
+    busy: A[SignalR[int], PvSuffix("BUSY")]
+
+    def __init__(
+        self, prefix: str, name: str = "", description: MachineDescription | None = None
+    ) -> None:
+        self.description = description
+        super().__init__(prefix=prefix, name=name)
+
+    @classmethod
+    def for_machine(
+        cls, description: MachineDescription, *, protocol: EpicsProtocol = "ca", name: str = ""
+    ) -> EmittanceMonitor:
+        """The emittance monitor of a machine (PVs ``<prefix>EMIT:*``)."""
+        prefix = f"{protocol}://{description.machine.prefix}EMIT:"
+        return cls(prefix=prefix, name=name or "emittance", description=description)
+
+    async def read_reading(self) -> EmittanceReading:
+        """The present values in SI, consistent (the counter did not move while reading)."""
+        for _ in range(5):
+            before = await self.counter.get_value()
+            values = await asyncio.gather(
+                self.x.get_value(),
+                self.y.get_value(),
+                self.size_x.get_value(),
+                self.size_y.get_value(),
+                self.timestamp.get_value(),
+            )
+            after = await self.counter.get_value()
+            if before == after:
+                ex, ey, sx, sy, t = (float(v) for v in values)
+                return EmittanceReading(
+                    emittance=np.array([ex, ey]) * 1e-12,
+                    size=np.array([sx, sy]) * 1e-6,
+                    time=t,
+                    counter=int(after),
+                )
+        raise RuntimeError(f"{self.name}: values change faster than they can be read")
+
+    async def wait_for_reading(
+        self, *, after: float, newer_than: int = -1, timeout: float = 30.0
+    ) -> EmittanceReading:
+        """The first publication with ``time >= after`` and ``counter > newer_than``.
+
+        Raises:
+            TimeoutError: none within ``timeout`` s.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            reading = await self.read_reading()
+            if reading.time >= after - 1e-6 and reading.counter > newer_than:
+                return reading
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.name}: no emittance reading for readbacks at or after "
+                    f"{time.ctime(after)} within {timeout} s (last: counter {reading.counter}, "
+                    f"time {reading.time:.3f})"
+                )
+            await asyncio.sleep(0.02)

@@ -6,6 +6,7 @@ Never the twin's truth.
 """
 
 from ._bumps import BumpResponse, bump_point, bump_response, nearest_bump_correctors
+from ._coupling import CouplingResponse, coupling_response, model_c_minus, one_turn_matrix
 from ._loco import (
     GradientParameter,
     LocoModel,
@@ -24,10 +25,15 @@ from ._orbit import (
     frequency_for_dct,
 )
 from ._orm import FieldDrive, OrbitResponse, brute_force_orm, linear_orm
+from ._phase import PhaseFit, PhaseModel, fit_phase_model, phase_correction
 from ._response import plane_response_blocks
 from ._strengths import LatticeStrengths, strengths_from_lattice
 
 __all__ = [
+    "CouplingResponse",
+    "coupling_response",
+    "model_c_minus",
+    "one_turn_matrix",
     "BumpResponse",
     "bump_point",
     "bump_response",
@@ -42,14 +48,18 @@ __all__ = [
     "OnlineModel",
     "Optics",
     "OrbitResponse",
+    "PhaseFit",
+    "PhaseModel",
     "UnstableMotion",
     "brute_force_orm",
     "dct_for_frequency",
+    "fit_phase_model",
     "frequency_for_dct",
     "gradient_correction",
     "gradient_parameters",
     "linear_orm",
     "optics_correction",
+    "phase_correction",
     "orm_jacobian",
     "run_loco",
     "plane_response_blocks",

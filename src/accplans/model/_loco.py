@@ -24,7 +24,7 @@ winding on the fitted element itself (its own kick does not enter ``z_j``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -468,21 +468,34 @@ def gradient_correction(
 
 
 def optics_correction(
-    model: OnlineModel, loco_model: LocoModel, fit: LocoFit | np.ndarray, *, svd_cut: float = 1e-3
+    model: OnlineModel,
+    loco_model: LocoModel,
+    fit: LocoFit | np.ndarray,
+    *,
+    svd_cut: float = 1e-3,
+    reference: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Hardware values [A] of the quadrupoles that cancel the fitted gradient errors.
 
     The parameters named after a quadrupole device of ``model`` (per-magnet parameters of
     :func:`gradient_parameters`) are settable; :func:`gradient_correction` gives their
     changes (minus the fitted ones, or a compensation when other parameters, such as gradient
-    dipoles, were fitted too), added to the device's current nominal strength and converted
-    through its calibration.
+    dipoles, were fitted too), added to the device's reference strength (default: its current
+    nominal strength) and converted through its calibration.
+
+    The fitted errors are deviations of the machine from the model at its *current* settings;
+    after a first correction the settings already hold minus the errors, so a second fit finds
+    the same errors again: give ``reference`` (the strengths before the first correction, the
+    optics the corrections aim at) so that repeated measure-fit-correct cycles converge
+    instead of correcting twice.
 
     Args:
         model: the online model at the machine's current settings.
         loco_model: the model the fit was made with (at the fitted gradients).
         fit: the fit, or the fitted gradient changes [m^-2].
         svd_cut: SVD cut of the compensation.
+        reference: device name -> nominal strength [m^-2] the correction is added to (the
+            target optics); default ``model.nominal_strength`` of each device.
 
     Returns:
         Device name -> hardware value [A]; give it to the quadrupoles (limits are the plan's
@@ -501,5 +514,6 @@ def optics_correction(
         if not ok:
             continue
         cal: Callable[[float], float] = model._calibration(name).to_hardware
-        out[name] = float(cal(model.nominal_strength(name) + float(v)))
+        base = model.nominal_strength(name) if reference is None else float(reference[name])
+        out[name] = float(cal(base + float(v)))
     return out

@@ -9,6 +9,7 @@ nominal strengths into hardware values. It runs in the plan's worker process.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,15 @@ def _read(elem: Any, attr: str, index: int | None) -> float:
     return float(arr[index]) if index < arr.size else 0.0
 
 
+def _same_name(found: str, expected: str) -> bool:
+    """Whether element name ``found`` is ``expected``, or ``expected.N``.
+
+    pyAT's elegant and MAD-X writers rename the elements of one name that differ (a fitted
+    lattice's quadrupoles): ``QF``, ``QF.1``, ...
+    """
+    return found == expected or re.fullmatch(re.escape(expected) + r"\.[0-9]+", found) is not None
+
+
 def strengths_from_lattice(
     description: MachineDescription,
     path: str | Path,
@@ -77,7 +87,9 @@ def strengths_from_lattice(
     The file must describe the same lattice as the description (same elements in the same
     order, as a file pyAT saved from it): each magnet device reads the field it drives
     (``DeviceSpec.field``) from its first element, whose ``FamName`` must be the one the
-    description names.
+    description names (or that name with pyAT's ``.N`` suffix of elegant and MAD-X files).
+    A field the file's element lacks reads as zero: elegant and MAD-X files carry no corrector
+    kick or skew component on a sextupole, so load only the families they describe from them.
 
     Args:
         description: the machine description.
@@ -111,7 +123,7 @@ def strengths_from_lattice(
                 f"{path}: device {dev.name} drives element {e}, the file has {n} elements: "
                 "it is not the description's lattice"
             )
-        if dev.element_names and ring[e].FamName != dev.element_names[0]:
+        if dev.element_names and not _same_name(str(ring[e].FamName), dev.element_names[0]):
             raise ValueError(
                 f"{path}: element {e} is {ring[e].FamName!r}, device {dev.name} expects "
                 f"{dev.element_names[0]!r}: the file is not the description's lattice"

@@ -1,8 +1,26 @@
 """Pure numerics of accelerator physics: no pyAT, no I/O, SI units."""
 
-from ._bba import BbaFit, combine_bba_planes, fit_bba_center
+from ._bba import (
+    BbaFit,
+    BbaGroups,
+    combine_bba_planes,
+    fit_bba_center,
+    fit_group_kicks,
+    group_bba_quadrupoles,
+)
 from ._bumps import BumpError, BumpSolution, bump_kicks, bump_span, nearest_correctors
 from ._correction import CorrectionResult, correction_matrix, micado, solve_correction
+from ._coupling import (
+    ClosestApproach,
+    CouplingFit,
+    TuneScanFit,
+    bpm_roll_columns,
+    closest_tune_approach,
+    coupling_observables,
+    eigen_tunes,
+    fit_coupling,
+    fit_tune_scan,
+)
 from ._dispersion import (
     DispersionFit,
     delta_for_frequency_step,
@@ -24,6 +42,16 @@ from ._fofb import (
     simulate_fofb,
 )
 from ._loco import LocoFit, LocoModelData, compensate_gradients, fit_loco, loco_forward
+from ._nonlinear import (
+    AdtsFit,
+    ConstrainedStep,
+    constrained_step,
+    fit_adts,
+    kick_actions,
+    line_tune,
+    null_space,
+    tbt_actions,
+)
 from ._orm import chi2_per_dof, orbit_statistics, orm_from_bipolar, orm_relative_difference
 from ._tbt import (
     BadBpms,
@@ -34,6 +62,8 @@ from ._tbt import (
     beta_from_phase,
     find_bad_bpms,
     phase_advances,
+    phase_fit_step,
+    phase_response,
     tbt_phases,
     tbt_tunes,
     zero_amplitude_tunes,
@@ -50,9 +80,29 @@ from ._tunes import (
 )
 
 __all__ = [
+    "AdtsFit",
+    "ConstrainedStep",
+    "constrained_step",
+    "fit_adts",
+    "kick_actions",
+    "line_tune",
+    "null_space",
+    "tbt_actions",
+    "ClosestApproach",
+    "CouplingFit",
+    "TuneScanFit",
+    "bpm_roll_columns",
+    "closest_tune_approach",
+    "coupling_observables",
+    "eigen_tunes",
+    "fit_coupling",
+    "fit_tune_scan",
     "BbaFit",
+    "BbaGroups",
     "combine_bba_planes",
     "fit_bba_center",
+    "fit_group_kicks",
+    "group_bba_quadrupoles",
     "BumpError",
     "BumpSolution",
     "bump_kicks",
@@ -97,6 +147,8 @@ __all__ = [
     "beta_from_phase",
     "find_bad_bpms",
     "phase_advances",
+    "phase_fit_step",
+    "phase_response",
     "tbt_phases",
     "tbt_tunes",
     "zero_amplitude_tunes",

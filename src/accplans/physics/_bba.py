@@ -32,11 +32,19 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-__all__ = ["BbaFit", "combine_bba_planes", "fit_bba_center"]
+__all__ = [
+    "BbaFit",
+    "BbaGroups",
+    "combine_bba_planes",
+    "fit_bba_center",
+    "fit_group_kicks",
+    "group_bba_quadrupoles",
+]
 
 
 @dataclass(frozen=True)
@@ -363,3 +371,150 @@ def combine_bba_planes(fit_x: BbaFit, fit_y: BbaFit) -> tuple[BbaFit, BbaFit]:
         replace(fit_x, center_m=float(centre[0]), std_center_m=float(std[0])),
         replace(fit_y, center_m=float(centre[1]), std_center_m=float(std[1])),
     )
+
+
+@dataclass(frozen=True)
+class BbaGroups:
+    """The outcome of :func:`group_bba_quadrupoles`.
+
+    Attributes:
+        groups: the quadrupoles (indices into the inputs) modulated together, one tuple per
+            group, in the order the inputs came.
+        signs: (nq,) +1 or -1: the sign of each quadrupole's first modulation step in its
+            group, chosen so that the group's tune shifts cancel as far as possible.
+        inflation: (nq,) the variance inflation of each quadrupole's kick estimate in its
+            group (1: its columns are orthogonal to the others'; the larger plane).
+        tune_shift: (ngroups, 2) the group's residual tune shift (x, y) at the first sign
+            (in the units of ``tune_shifts``; 0 without them).
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    signs: np.ndarray
+    inflation: np.ndarray
+    tune_shift: np.ndarray
+
+
+def _arcs_overlap(a: tuple[int, int], b: tuple[int, int], n: int) -> bool:
+    """Whether two arcs ``(start, length)`` of a ring of ``n`` elements share an element."""
+    return (b[0] - a[0]) % n <= a[1] or (a[0] - b[0]) % n <= b[1]
+
+
+def _inflation(columns: np.ndarray) -> np.ndarray:
+    """Variance inflation of each column's least-squares coefficient (1: orthogonal)."""
+    norms = np.linalg.norm(columns, axis=0)
+    u = columns / np.where(norms > 0, norms, 1.0)
+    gram = u.T @ u
+    try:
+        return np.diag(np.linalg.inv(gram))
+    except np.linalg.LinAlgError:
+        return np.full(columns.shape[1], np.inf)
+
+
+def group_bba_quadrupoles(
+    responses: Sequence[np.ndarray],
+    arcs: np.ndarray,
+    n_elements: int,
+    *,
+    max_group: int = 8,
+    max_inflation: float = 1.2,
+    tune_shifts: np.ndarray | None = None,
+) -> BbaGroups:
+    """Groups of quadrupoles that parallel BBA can modulate at once (greedy, first fit).
+
+    Two quadrupoles go together only if their scans do not touch (their arcs, from the first
+    to the last element a scan moves the beam at: bump correctors, quadrupole, BPM, do not
+    overlap: a bump then leaves the other quadrupole and its BPM alone) and if the kicks of all
+    the group's quadrupoles can be told apart in the difference orbit: in each plane, the
+    least-squares estimate of each kick from the model's columns of the group has a variance
+    at most ``max_inflation`` times what it would have alone (columns nearly orthogonal: far
+    apart in phase, not a multiple of pi). Each quadrupole, in the given order, joins the first
+    group that takes it, or starts a new one.
+
+    Args:
+        responses: per plane a (nbpm, nq) matrix: the model's orbit response at the BPMs to a
+            kick at each quadrupole (any unit; only the shapes matter).
+        arcs: (nq, 2) integer ``(first element, number of elements after it)`` of each
+            quadrupole's scan on the ring.
+        n_elements: elements of the ring.
+        max_group: most quadrupoles in a group.
+        max_inflation: largest variance inflation allowed (>= 1).
+        tune_shifts: (nq, 2) tune shift (x, y) of each quadrupole's ``+dK``: the signs of a
+            group's modulations are chosen (largest first) to cancel their sum.
+
+    Returns:
+        The groups, the modulation signs, the inflation of each quadrupole and each group's
+        residual tune shift.
+
+    Raises:
+        ValueError: inconsistent shapes, ``max_group < 1`` or ``max_inflation < 1``.
+    """
+    mats = [np.asarray(r, dtype=float) for r in responses]
+    arcs = np.asarray(arcs, dtype=np.int64)
+    nq = arcs.shape[0] if arcs.ndim == 2 else -1
+    if arcs.shape != (nq, 2) or any(m.ndim != 2 or m.shape[1] != nq for m in mats):
+        raise ValueError("group_bba_quadrupoles: responses (nbpm, nq) and arcs (nq, 2) disagree")
+    if max_group < 1 or not max_inflation >= 1:
+        raise ValueError("group_bba_quadrupoles: max_group >= 1 and max_inflation >= 1")
+    mats = [np.where(np.isfinite(m), m, 0.0) for m in mats]
+    shifts = np.zeros((nq, 2)) if tune_shifts is None else np.asarray(tune_shifts, float)
+    if shifts.shape != (nq, 2):
+        raise ValueError(f"group_bba_quadrupoles: tune_shifts must be ({nq}, 2)")
+    arc_list = [(int(a) % n_elements, int(b)) for a, b in arcs]
+    groups: list[list[int]] = []
+    inflation = np.ones(nq)
+    for q in range(nq):
+        for g in groups:
+            if len(g) >= max_group:
+                continue
+            if any(_arcs_overlap(arc_list[q], arc_list[m], n_elements) for m in g):
+                continue
+            members = [*g, q]
+            infl = np.max([_inflation(m[:, members]) for m in mats], axis=0)
+            if np.all(infl <= max_inflation):
+                g.append(q)
+                inflation[members] = infl
+                break
+        else:
+            groups.append([q])
+    signs = np.ones(nq)
+    residual = np.zeros((len(groups), 2))
+    for k, g in enumerate(groups):
+        total = np.zeros(2)
+        for q in sorted(g, key=lambda i: -float(np.max(np.abs(shifts[i])))):
+            plus, minus = total + shifts[q], total - shifts[q]
+            if np.max(np.abs(minus)) < np.max(np.abs(plus)):
+                signs[q], total = -1.0, minus
+            else:
+                total = plus
+        residual[k] = total
+    return BbaGroups(tuple(tuple(g) for g in groups), signs, inflation, residual)
+
+
+def fit_group_kicks(
+    columns: np.ndarray, orbit_change_m: np.ndarray, sigma_m: np.ndarray | float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each modulated quadrupole's kick from one difference orbit (weighted least squares).
+
+    Args:
+        columns: (nrow, ncol) the model's orbit response to each kick (rows: BPMs of both
+            planes, x then y; columns: each quadrupole's kick in each plane).
+        orbit_change_m: (nrow,) the measured difference orbit (m); NaN rows are left out.
+        sigma_m: its noise per row (m), scalar or (nrow,); ``None``: equal weights.
+
+    Returns:
+        ``(kicks, covariance)``: (ncol,) the kicks in the columns' units and their (ncol, ncol)
+        covariance (from ``sigma_m``; with ``None``, scaled by the residuals' variance).
+    """
+    u = np.asarray(columns, dtype=float)
+    d = np.asarray(orbit_change_m, dtype=float)
+    rows = np.isfinite(d) & np.all(np.isfinite(u), axis=1)
+    sig = (
+        np.ones(d.size) if sigma_m is None else np.broadcast_to(np.asarray(sigma_m, float), d.shape)
+    )
+    rows &= np.isfinite(sig) & (sig > 0)
+    w = 1.0 / sig[rows] ** 2
+    coef, cov, res = _fit(u[rows], d[rows], w)
+    if sigma_m is None:
+        dof = max(int(rows.sum()) - u.shape[1], 1)
+        cov = cov * float(np.sum(w * res**2)) / dof
+    return coef, cov

@@ -14,6 +14,12 @@ of good BPMs (ring wrap-around included), each weighted by the inverse square of
 sensitivity to phase errors, combinations whose model denominator is small (phase advances
 near multiples of pi) left out.
 
+The 3-BPM method assumes the model's transport between neighbouring BPMs, which errors between
+them break (on the EBS twin it is off by ~2.8 % with exact phases). A model fitted to the phases
+does better: :func:`phase_response` is the analytic first-order response of the phases to
+gradients and :func:`phase_fit_step` one Tikhonov step with each plane's phase offset free;
+``accplans.model.fit_phase_model`` iterates them on pyAT's optics.
+
 Bad BPMs (:func:`find_bad_bpms`) are found from the SVD of the centred BPM x turn matrix: a
 betatron oscillation is rank 2 (a cos and a sin spatial vector sharing their turn dependence,
 whatever its decoherence; rank 4 with the other plane's tune that coupling adds), so a BPM
@@ -39,6 +45,8 @@ __all__ = [
     "beta_from_phase",
     "find_bad_bpms",
     "phase_advances",
+    "phase_fit_step",
+    "phase_response",
     "tbt_phases",
     "tbt_tunes",
     "zero_amplitude_tunes",
@@ -489,3 +497,96 @@ def zero_amplitude_tunes(kick_rad: np.ndarray, tunes: np.ndarray) -> np.ndarray:
     design = np.stack([np.ones_like(k2), k2], axis=1)
     coef, *_ = np.linalg.lstsq(design, q, rcond=None)
     return coef[0]
+
+
+def phase_response(
+    bpm_phase: np.ndarray,
+    tune: float,
+    source_phase: np.ndarray,
+    source_weight: np.ndarray,
+) -> np.ndarray:
+    """First-order change of the betatron phase at the BPMs per unit of gradient (one plane).
+
+    A thin gradient error ``dk`` (m^-1, focusing in this plane) at phase ``phi_w`` where the
+    beta function is ``beta_w`` beats beta as ``dbeta/beta = -dk beta_w cos(2 pi Q -
+    2 |phi - phi_w|) / (2 sin 2 pi Q)``; integrating ``-dbeta / beta^2`` gives the phase change
+    at a BPM of phase ``phi_b`` (up to a constant common to all BPMs)::
+
+        dphi_b = dk beta_w / (4 sin 2 pi Q) g(phi_b - phi_w),
+        g(d) = cos(2 pi Q) sin 2d + sin(2 pi Q) (cos 2d if d < 0 else 2 - cos 2d)
+
+    (the step ``2 sin 2 pi Q`` across the error is its tune change, ``dQ = dk beta_w / 4 pi``).
+    A thick element is a sum of thin slices: ``source_weight`` holds, per parameter and sample
+    point, ``sign * beta(s) * ds`` (quadrature weights times the beta function; sign +1 where a
+    positive gradient focuses this plane, -1 where it defocuses), ``source_phase`` the phase
+    there. Written here because pyAT offers only finite differences (one optics per gradient).
+
+    Args:
+        bpm_phase: (n,) model phase at the BPMs from the ring start (rad).
+        tune: the model's tune of this plane (the fractional part is what counts).
+        source_phase: (m, k) phase (rad) at ``k`` sample points of each of ``m`` parameters.
+        source_weight: (m, k) quadrature weights ``sign * beta * ds`` (m^2).
+
+    Returns:
+        (n, m) d phi_b / d K_p (rad per m^-2 of gradient).
+    """
+    c, s = np.cos(2 * np.pi * tune), np.sin(2 * np.pi * tune)
+    d = np.asarray(bpm_phase, float)[:, None, None] - np.asarray(source_phase, float)[None]
+    g = c * np.sin(2 * d) + s * np.where(d < 0, np.cos(2 * d), 2.0 - np.cos(2 * d))
+    return np.einsum("nmk,mk->nm", g, np.asarray(source_weight, float)) / (4 * s)
+
+
+def phase_fit_step(
+    jacobian: np.ndarray,
+    residual: np.ndarray,
+    sigma: np.ndarray,
+    *,
+    offsets: np.ndarray,
+    alpha: float = 1e-3,
+    scale: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient step (Tikhonov) that best removes a phase residual, each plane's offset free.
+
+    Solves ``min |W (r - J dk - o)|^2 + (alpha s_1)^2 |dk / scale|^2`` over the gradient
+    changes ``dk`` and one free phase offset ``o`` per plane (measured phases have an
+    arbitrary origin): the offsets are projected out with the weights first, then a Tikhonov
+    SVD solve (``s_1`` the largest singular value of the scaled system).
+
+    Args:
+        jacobian: (n_rows, m) d phase / d gradient (rad per m^-2).
+        residual: (n_rows,) measured minus model phase (rad), NaN rows ignored.
+        sigma: (n_rows,) uncertainty of each row (rad).
+        offsets: (n_rows,) integer plane label of each row (its offset group).
+        alpha: Tikhonov parameter relative to the largest singular value.
+        scale: (m,) expected size of each parameter (prior widths; default 1).
+
+    Returns:
+        ``(dk, fitted)``: the step (m^-2) and the fitted residual ``J dk + o`` (rad).
+    """
+    j = np.asarray(jacobian, float)
+    r = np.asarray(residual, float)
+    w = 1.0 / np.asarray(sigma, float)
+    groups = np.asarray(offsets)
+    ok = np.isfinite(r) & np.isfinite(w) & np.all(np.isfinite(j), axis=1)
+    sc = np.ones(j.shape[1]) if scale is None else np.asarray(scale, float)
+    a = j[ok] * sc
+    b = r[ok].copy()
+    ww = w[ok]
+    g = groups[ok]
+    for label in np.unique(g):
+        rows = g == label
+        wt = ww[rows] ** 2 / np.sum(ww[rows] ** 2)
+        a[rows] -= wt @ a[rows]
+        b[rows] -= wt @ b[rows]
+    u, sv, vt = np.linalg.svd(a * ww[:, None], full_matrices=False)
+    lam = alpha * sv[0]
+    x = vt.T @ (sv / (sv**2 + lam**2) * (u.T @ (b * ww)))
+    dk = x * sc
+    fitted = np.full(r.shape, np.nan)
+    model = j[ok] @ dk
+    for label in np.unique(g):
+        rows = g == label
+        wt = ww[rows] ** 2 / np.sum(ww[rows] ** 2)
+        model[rows] += wt @ (r[ok][rows] - model[rows])
+    fitted[ok] = model
+    return dk, fitted

@@ -17,10 +17,14 @@ from ._worker import compute, shutdown_workers
 from .bba import bba, bba_knobs
 from .bumps import orbit_bump, remove_bump
 from .chromaticity import correct_chromaticity, measure_chromaticity
+from .coupling import correct_coupling, measure_coupling
 from .dispersion import measure_dispersion
 from .feedback import orbit_feedback
 from .fofb import design_fofb, export_fofb_matrices, plot_fofb_design, read_fofb_matrices
+from .loco import correct_optics, loco, loco_fit
+from .nonlinear import correct_nonlinear, measure_adts
 from .optics_loading import load_optics
+from .optics_tbt import correct_optics_tbt
 from .orbit import measure_orbit
 from .orbit_correction import correct_orbit
 from .orm import measure_orm
@@ -49,6 +53,9 @@ __all__ = [
     "Snapshot",
     "check_hardware_limits",
     "compute",
+    "correct_nonlinear",
+    "correct_optics_tbt",
+    "correct_optics",
     "correct_orbit",
     "correct_rf_frequency",
     "design_fofb",
@@ -56,6 +63,9 @@ __all__ = [
     "plot_fofb_design",
     "read_fofb_matrices",
     "journal_dir",
+    "loco",
+    "loco_fit",
+    "measure_adts",
     "measure_dispersion",
     "measure_orbit",
     "measure_orm",
@@ -77,6 +87,8 @@ __all__ = [
     "shutdown_workers",
     "take_snapshot",
     "correct_chromaticity",
+    "correct_coupling",
+    "measure_coupling",
     "correct_tunes",
     "measure_chromaticity",
     "measure_tunes",

@@ -22,15 +22,26 @@ from typing import Any
 
 from bluesky_queueserver import parameter_annotation_decorator
 
-from accplans.devices import OrbitSource, SettableFamily, TuneMonitor
+from accplans.devices import (
+    EmittanceMonitor,
+    OrbitSource,
+    Pinger,
+    SettableFamily,
+    TbtBuffers,
+    TuneMonitor,
+)
 
 from .bba import bba
 from .bumps import orbit_bump
 from .chromaticity import correct_chromaticity, measure_chromaticity
+from .coupling import correct_coupling, measure_coupling
 from .dispersion import measure_dispersion
 from .feedback import orbit_feedback
 from .fofb import design_fofb
+from .loco import correct_optics, loco, loco_fit
+from .nonlinear import correct_nonlinear, measure_adts
 from .optics_loading import load_optics
+from .optics_tbt import correct_optics_tbt
 from .orbit import measure_orbit
 from .orbit_correction import correct_orbit
 from .orm import measure_orm
@@ -38,6 +49,7 @@ from .restore import restore_setpoints
 from .rf_frequency import correct_rf_frequency
 from .snapshots import save_setpoints
 from .standardize import standardize_magnets
+from .tbt import measure_tbt
 from .tunes import correct_tunes, measure_tunes
 
 __all__ = ["PLANS", "queueserver_plans"]
@@ -61,10 +73,22 @@ PLANS: tuple[Callable[..., Any], ...] = (
     correct_tunes,
     measure_chromaticity,
     correct_chromaticity,
+    loco_fit,
+    correct_optics,
+    loco,
+    measure_tbt,
+    correct_optics_tbt,
+    measure_adts,
+    correct_nonlinear,
+    measure_coupling,
+    correct_coupling,
 )
 
 _LISTS = {OrbitSource: "OrbitSources", SettableFamily: "Families"}
 _LISTS[TuneMonitor] = "TuneMonitors"
+_LISTS[EmittanceMonitor] = "EmittanceMonitors"
+_LISTS[TbtBuffers] = "TbtBuffers"
+_LISTS[Pinger] = "Pingers"
 
 
 def _arg_descriptions(doc: str | None) -> dict[str, str]:

@@ -2,8 +2,8 @@
 
 bluesky's own suspenders (``SuspendFloor``...) subscribe with ophyd (v1) arguments that
 ophyd-async signals refuse; :class:`BeamCurrentSuspender` subscribes to the signal's readings
-instead, and adds what the RunEngine's rewind needs to replay a step of an accplans plan
-exactly once.
+instead (``subscribe_reading``: ophyd-async 0.21 has no ``subscribe_value``), and adds what the
+RunEngine's rewind needs to replay a step of an accplans plan exactly once.
 
 How a beam loss is handled, and why there is no race
 ----------------------------------------------------

@@ -1,4 +1,4 @@
-"""``bba``: quadrupole beam-based alignment of BPMs, one BPM after the other.
+"""``bba``: quadrupole beam-based alignment of BPMs, one BPM after the other or in groups.
 
 For each selected BPM the plan takes its nearest quadrupole (lattice positions from the
 online model), moves the beam through it with local closed bumps (both planes at once, the
@@ -6,8 +6,11 @@ same amplitudes in another order in y), and at each of ``n_positions`` bump ampl
 the orbit with the quadrupole at ``K0 + dK`` and at ``K0 - dK``. The difference orbit is
 proportional to the beam's distance from the quadrupole's magnetic centre;
 :func:`accplans.physics.fit_bba_center` finds, per plane, the BPM reading where it vanishes,
-and :func:`accplans.physics.combine_bba_planes` both planes' at once.
-The physics and its error budget are in ``docs/how-to/bba.md``.
+and :func:`accplans.physics.combine_bba_planes` both planes' at once. With ``parallel=True``
+groups of quadrupoles (:func:`accplans.physics.group_bba_quadrupoles`) are modulated at once
+and the difference orbit is split into their kicks
+(:func:`accplans.physics.fit_group_kicks`). The physics and its error budget are in
+``docs/explanations/bba.md``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from bluesky.utils import MsgGenerator
 from accplans.config import MachineDescription
 from accplans.data import FieldSpec, ResultSchema, record_result, register_result_kind, run_metadata
 from accplans.devices import OrbitSource, SettableFamily, call_async, resolve_select
-from accplans.model import OnlineModel, bump_point, bump_response, nearest_bump_correctors
+from accplans.model import (
+    OnlineModel,
+    bump_point,
+    bump_response,
+    linear_orm,
+    nearest_bump_correctors,
+)
 from accplans.physics import (
     BbaFit,
     BumpError,
@@ -33,6 +42,8 @@ from accplans.physics import (
     bump_span,
     combine_bba_planes,
     fit_bba_center,
+    fit_group_kicks,
+    group_bba_quadrupoles,
 )
 
 from ._record import Record
@@ -40,17 +51,19 @@ from ._safety import description_of, restore_on_exit, take_snapshot
 from ._stubs import read_orbit_frame, set_and_settle
 from ._worker import compute
 
-__all__ = ["BbaKnob", "bba", "bba_knobs", "design_bba"]
+__all__ = ["BbaGrouping", "BbaKnob", "bba", "bba_knobs", "design_bba", "design_bba_groups"]
 
 register_result_kind(
     ResultSchema(
         kind="bba",
-        version=1,
+        version=2,
         description=(
             "Quadrupole beam-based alignment: per BPM, its quadrupole, the gradient modulation, "
             "and per plane the BPM reading at which the modulation does not move the orbit "
             "(the quadrupole's centre as the BPM reads it), its uncertainty, the fit's slope "
-            "and quality, and why a fit was rejected; the scan knobs (bump kicks per metre)."
+            "and quality, and why a fit was rejected; the scan knobs (bump kicks per metre); "
+            "the group each BPM's quadrupole was modulated in (parallel BBA: several at once) "
+            "and the plan's machine steps (set-wait-read steps)."
         ),
         fields={
             "planes": FieldSpec("", "()", "str", choices=("x", "y", "xy")),
@@ -78,6 +91,10 @@ register_result_kind(
             "knob_plane": FieldSpec("", "(nknob,)", "str", choices=("x", "y")),
             "knob_correctors": FieldSpec("", "(nknob,)", "str"),
             "knob_kicks": FieldSpec("rad/m", "(nknob,)"),
+            "group": FieldSpec("", "(nsel,)", "int"),
+            "modulation_sign": FieldSpec("", "(nsel,)"),
+            "inflation": FieldSpec("", "(nsel,)"),
+            "n_steps": FieldSpec("", "()", "int"),
         },
     )
 )
@@ -231,6 +248,112 @@ def design_bba(
     return out
 
 
+@dataclass(frozen=True)
+class BbaGrouping:
+    """The groups of parallel BBA (a worker job's answer, see :func:`design_bba_groups`).
+
+    Attributes:
+        groups: indices of the knobs (BPMs) whose quadrupoles are modulated together.
+        signs: (nsel,) the sign of each quadrupole's first modulation in its group.
+        inflation: (nsel,) variance inflation of each quadrupole's kick estimate.
+        tune_shift: (ngroups, 2) each group's model tune shift at its first modulation.
+        columns: (2 * nbpm, nsel, 2) the model's orbit response at every BPM of the family
+            (rows x then y) to a horizontal (``[..., 0]``) and a vertical (``[..., 1]``) kick
+            at each quadrupole's centre [m/rad].
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    signs: np.ndarray
+    inflation: np.ndarray
+    tune_shift: np.ndarray
+    columns: np.ndarray
+
+
+def _kick_columns(
+    model: OnlineModel, bpm_names: Sequence[str], quads: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's orbit responses at the BPMs to a uniform dipole field in each quadrupole.
+
+    A beam at ``x - x0`` in a quadrupole whose gradient changes by ``dK`` sees the field of a
+    uniform dipole ``-dK (x - x0)`` along the quadrupole: the exact linear response of the
+    closed orbit at the fixed RF frequency (``accplans.model.linear_orm``) to a ``KickAngle``
+    of the quadrupole's elements, shared in proportion to their lengths. A thin kick at the
+    quadrupole's centre is not enough: EBS quadrupoles are up to ~0.8 rad of betatron phase
+    long, and the thin kick's shape error leaks one member's kick into another's.
+
+    Returns:
+        ``(columns, beta_q, length)``: (2 nbpm, nq, 2) [m/rad]; (nq, 2) beta at the
+        quadrupoles (mean of entrance and exit) [m]; (nq,) their lengths [m].
+    """
+    ring = model.lattice.deepcopy()
+    bpm_el = [int(model.description.device(b).elements[0]) for b in bpm_names]
+    elements = sorted({int(e) for q in quads for e in q})
+    lengths = {e: float(getattr(ring[e], "Length", 0.0)) for e in elements}
+    for e in elements:
+        ring[e].KickAngle = np.zeros(2)
+    planes = ["x"] * len(elements) + ["y"] * len(elements)
+    matrix = linear_orm(ring, bpm_el, elements + elements, planes, dct=model.dct)
+    col = {e: k for k, e in enumerate(elements)}
+    nq, ne = len(quads), len(elements)
+    columns = np.zeros((2 * len(bpm_el), nq, 2))
+    length = np.array([sum(lengths[e] for e in q) for q in quads])
+    for i, q in enumerate(quads):
+        for e in q:
+            share = lengths[e] / length[i] if length[i] > 0 else 1.0 / len(q)
+            columns[:, i, 0] += share * matrix[:, col[e]]
+            columns[:, i, 1] += share * matrix[:, ne + col[e]]
+    ends = [(min(q), max(q) + 1) for q in quads]
+    refs = np.unique([e for pair in ends for e in pair]).astype(np.int64)
+    optics = model.optics(refs)
+    pos = {int(e): k for k, e in enumerate(refs)}
+    beta_q = 0.5 * (optics.beta[[pos[a] for a, _ in ends]] + optics.beta[[pos[z] for _, z in ends]])
+    return columns, beta_q, length
+
+
+def design_bba_groups(
+    description: MachineDescription,
+    hardware: Mapping[str, float],
+    knobs: Sequence[BbaKnob],
+    bpm_names: Sequence[str],
+    dk_rel: float,
+    max_group: int,
+    max_inflation: float,
+) -> BbaGrouping:
+    """Group the knobs' quadrupoles for parallel BBA (a worker job).
+
+    Each quadrupole's scan covers the arc from the first to the last of its bump correctors,
+    its BPM and itself; the kick columns are the model's thin-kick responses at ``bpm_names``
+    (:func:`accplans.physics.group_bba_quadrupoles` does the grouping); the modulation signs
+    cancel the group's tune shift (``beta dK L / 4 pi`` per quadrupole).
+    """
+    model = OnlineModel(description)
+    model.set_hardware(dict(hardware))
+    n_ring = len(model.lattice)
+    quads = [list(description.device(k.quadrupole).elements) for k in knobs]
+    columns, beta_q, length = _kick_columns(model, bpm_names, quads)
+    arcs = np.zeros((len(knobs), 2), np.int64)
+    for i, knob in enumerate(knobs):
+        point = min(quads[i])
+        touched = [*quads[i], int(description.device(knob.bpm).elements[0])]
+        for names in knob.correctors.values():
+            touched += [int(description.device(c).elements[0]) for c in names]
+        rel = (np.asarray(touched) - point + n_ring // 2) % n_ring - n_ring // 2
+        arcs[i] = ((point + int(rel.min())) % n_ring, int(rel.max() - rel.min()))
+    # +dK = +dk_rel |K0| raises K (more focusing in x, less in y), whatever the sign of K0
+    dk = dk_rel * np.abs([model.strength(k.quadrupole) for k in knobs])
+    shifts = np.c_[beta_q[:, 0], -beta_q[:, 1]] * (dk * length)[:, None] / (4 * np.pi)
+    nb = len(bpm_names)
+    groups = group_bba_quadrupoles(
+        [columns[:nb, :, 0], columns[nb:, :, 1]],
+        arcs,
+        n_ring,
+        max_group=max_group,
+        max_inflation=max_inflation,
+        tune_shifts=shifts,
+    )
+    return BbaGrouping(groups.groups, groups.signs, groups.inflation, groups.tune_shift, columns)
+
+
 def bba(
     bpms: OrbitSource,
     quadrupoles: SettableFamily,
@@ -246,6 +369,9 @@ def bba(
     n_samples: int = 2,
     min_slope_snr: float = 10.0,
     max_chi2_red: float = 5.0,
+    parallel: bool = False,
+    max_group: int = 8,
+    max_inflation: float = 5.0,
     timeout: float = 10.0,
     md: dict | None = None,
 ) -> MsgGenerator[str]:
@@ -265,6 +391,20 @@ def bba(
     scatter and the residuals (:func:`~accplans.physics.fit_bba_center`). A fit with too
     little slope, poor linearity or a centre far outside the scan is rejected and the reason
     recorded. Run it on a corrected orbit.
+
+    Parallel BBA (``parallel=True``): the quadrupoles are modulated in groups of up to
+    ``max_group`` whose scans do not touch (no bump reaches another member's quadrupole or
+    BPM) and whose kicks the difference orbit tells apart (the model's responses to kicks at
+    the members are nearly orthogonal: each kick's least-squares variance is at most
+    ``max_inflation`` times what it would be alone), from the online model's optics in the
+    worker process (:func:`~accplans.physics.group_bba_quadrupoles`). All the group's bumps
+    move together, all its quadrupoles are modulated together (signs chosen to cancel the
+    tune shifts); at each amplitude the difference orbit is split into each member's kicks
+    by least squares on the model's columns (:func:`~accplans.physics.fit_group_kicks`),
+    and each member's kicks are fitted like a serial scan's projections. It takes
+    ``2 * n_positions`` machine steps per group instead of per BPM. On the EBS twin its
+    accuracy is not yet the serial method's (model-column leakage between members; see
+    ``docs/explanations/bba.md``).
 
     Hysteresis: the quadrupole goes to ``K0 - dK`` before the first reading, so every
     ``K0 + dK`` is approached from below and every ``K0 - dK`` from above: every reading of
@@ -294,6 +434,9 @@ def bba(
             scatter; 1 takes the uncertainties from the fit residuals alone).
         min_slope_snr: reject a fit whose slope is below this many standard deviations.
         max_chi2_red: reject a fit whose reduced chi-square exceeds this.
+        parallel: modulate groups of quadrupoles at once (see above).
+        max_group: most quadrupoles in a group (parallel).
+        max_inflation: largest variance inflation of a member's kick estimate (parallel, >= 1).
         timeout: longest wait for one fresh frame (s).
         md: metadata added to the run's start document.
 
@@ -302,7 +445,9 @@ def bba(
         bump amplitude in m, quadrupole strength in 1/m^2, orbit in m) and the result ``bba``
         (``load_result(client, uid, "bba")``: per BPM its quadrupole, ``dK``, per plane the
         centre and its uncertainty in m, slope, reduced chi-square, accepted / rejected with
-        the reason, the scan's readings and projections, and the bump knobs in rad/m).
+        the reason, the scan's readings and projections, the bump knobs in rad/m, each BPM's
+        group and modulation sign, and ``n_steps``, the plan's set-wait-read steps:
+        ``2 * n_positions`` per group, a group being one BPM in serial BBA).
     """
     description = description_of(bpms, quadrupoles, hcorr, vcorr)
     if planes not in ("x", "y", "xy"):
@@ -311,6 +456,10 @@ def bba(
         raise ValueError(f"bba: dk_rel must be in (0, {MAX_DK_REL}], got {dk_rel!r}")
     if not (np.isfinite(span_m) and 0 < span_m <= 5e-3):
         raise ValueError(f"bba: span_m must be in (0, 5e-3] m, got {span_m!r}")
+    if max_group < 1 or not max_inflation >= 1:
+        raise ValueError(
+            f"bba: max_group >= 1 and max_inflation >= 1, got {max_group!r}, {max_inflation!r}"
+        )
     least = 4 if planes == "xy" else 3
     if n_positions < least or n_samples < 1:
         raise ValueError(
@@ -353,6 +502,9 @@ def bba(
             "span_m": span_m,
             "planes": planes,
             "n_samples": n_samples,
+            "parallel": parallel,
+            "max_group": max_group,
+            "max_inflation": max_inflation,
         },
         units={
             "step-amplitude_x": "m",
@@ -361,7 +513,7 @@ def bba(
             "orbit-x": "m",
             "orbit-y": "m",
         },
-        num_points=2 * n_positions * len(chosen),
+        num_points=None if parallel else 2 * n_positions * len(chosen),
         bpm_names=chosen,
     )
     _md.update(md or {})
@@ -373,6 +525,26 @@ def bba(
         knobs: list[BbaKnob] = yield from compute(
             design_bba, description, hardware, chosen, quad_names, overrides, planes, hnames, vnames
         )
+        if parallel:
+            grouping: BbaGrouping = yield from compute(
+                design_bba_groups,
+                description,
+                hardware,
+                knobs,
+                bpm_names,
+                dk_rel,
+                max_group,
+                max_inflation,
+            )
+        else:
+            grouping = BbaGrouping(
+                tuple((k,) for k in range(len(knobs))),
+                np.ones(len(knobs)),
+                np.ones(len(knobs)),
+                np.zeros((len(knobs), 2)),
+                np.zeros((0, len(knobs), 2)),
+            )
+        groups = grouping.groups
         k0 = np.asarray((yield from call_async(quadrupoles.strengths)), float)
         base = {
             "x": np.asarray((yield from call_async(hcorr.strengths)), float),
@@ -388,25 +560,44 @@ def bba(
             dk = dk_rel * abs(float(k0[q]))
             if dk == 0:
                 raise ValueError(f"bba: {knob.quadrupole} is off (K0 = 0): nothing to modulate")
-            for sign in (1.0, -1.0):
-                values = k0.copy()
-                values[q] += sign * dk
-                quadrupoles.check_strengths(values)
-            per_plane = {}
-            for p in planes:
-                cols = [names_of[p].index(c) for c in knob.correctors[p]]
-                per_plane[p] = (cols, knob.kicks[p])
-                for a in (scan[p].min(), scan[p].max()):
-                    values = base[p].copy()
-                    values[cols] += a * knob.kicks[p]
-                    families[p].check_strengths(values)
             dks.append(dk)
             q_index.append(q)
-            settings.append(per_plane)
+            settings.append(
+                {
+                    p: ([names_of[p].index(c) for c in knob.correctors[p]], knob.kicks[p])
+                    for p in planes
+                }
+            )
+        signs = np.asarray(grouping.signs, float)
+
+        def quad_values(members: Sequence[int], sign: float) -> np.ndarray:
+            """The group's quadrupole strengths (1/m^2) at the modulation ``sign``."""
+            return np.array([k0[q_index[k]] + sign * signs[k] * dks[k] for k in members])
+
+        def bump_values(members: Sequence[int], p: str, amplitude: float) -> np.ndarray:
+            """The family ``p``'s strengths (rad) with the group's bumps at ``amplitude``."""
+            values = base[p].copy()
+            for k in members:
+                cols, kicks = settings[k][p]
+                np.add.at(values, cols, amplitude * kicks)
+            return values
+
+        for members in groups:
+            qs = [q_index[k] for k in members]
+            if len(set(qs)) != len(qs):
+                raise ValueError(f"bba: a group modulates a quadrupole twice ({members})")
+            for sign in (1.0, -1.0):
+                values = k0.copy()
+                values[qs] = quad_values(members, sign)
+                quadrupoles.check_strengths(values)
+            for p in planes:
+                for a in (scan[p].min(), scan[p].max()):
+                    families[p].check_strengths(bump_values(members, p, float(a)))
         step = Record(
             "step",
             {
                 "bpm": 0,
+                "group": 0,
                 "position": 0,
                 "sign": 0,
                 "amplitude_x": 0.0,
@@ -432,87 +623,117 @@ def bba(
             var = arr.var(axis=0, ddof=1) if n_samples > 1 else np.full((2, nb), np.nan)
             return mean, var
 
-        def set_bump(k: int, i: int) -> MsgGenerator[float]:
-            """The bumps of BPM ``k`` at scan position ``i``; the time they read back."""
+        def set_bump(members: Sequence[int], i: int) -> MsgGenerator[float]:
+            """The bumps of a group at scan position ``i``; the time they read back."""
             settled = 0.0
-            for p, (cols, kicks) in settings[k].items():
-                values = base[p].copy()
-                values[cols] += scan[p][i] * kicks
+            for p in planes:
+                values = bump_values(members, p, float(scan[p][i]))
                 _, t = yield from set_and_settle(families[p], values, hardware=False)
                 settled = max(settled, t)
             return settled
 
-        def set_quad(q: int, value: float) -> MsgGenerator[float]:
-            """Set quadrupole ``q`` alone to ``value`` (1/m^2); the time it read back."""
-            yield from call_async(quadrupoles.set_strengths, np.array([value]), [q])
+        def set_quads(qs: Sequence[int], values: np.ndarray) -> MsgGenerator[float]:
+            """Set quadrupoles ``qs`` alone to ``values`` (1/m^2); the time they read back."""
+            yield from call_async(quadrupoles.set_strengths, np.asarray(values, float), list(qs))
             _, t = yield from call_async(quadrupoles.stamped_readbacks)
             return t
 
-        def unset_quad(q: int) -> MsgGenerator[None]:
-            """Quadrupole ``q`` back to its starting setpoint (A, exactly)."""
-            name = quad_names[q]
-            yield from call_async(quadrupoles.set_hardware, np.array([quad_hw0[name]]), [q])
+        def unset_quads(qs: Sequence[int]) -> MsgGenerator[None]:
+            """Quadrupoles ``qs`` back to their starting setpoints (A, exactly)."""
+            if qs:
+                hw = np.array([quad_hw0[quad_names[q]] for q in qs])
+                yield from call_async(quadrupoles.set_hardware, hw, list(qs))
 
-        fits: dict[str, list[BbaFit]] = {"x": [], "y": []}
+        fits: dict[str, list[BbaFit | None]] = {"x": [None] * len(knobs), "y": [None] * len(knobs)}
+        n_steps = 0
 
-        def align(k: int) -> MsgGenerator[None]:
-            q, dk, b = q_index[k], dks[k], bpm_names.index(chosen[k])
+        def align(g: int) -> MsgGenerator[None]:
+            nonlocal n_steps
+            members = groups[g]
+            qs = [q_index[k] for k in members]
             orbits = np.full((n_positions, 2, 2, nb), np.nan)  # position, sign, plane, bpm
             variances = np.full_like(orbits, np.nan)
             for i in range(n_positions):
                 for j, sign in enumerate((1.0, -1.0)):
-                    # one step: absolute setpoints (the previous BPM's bump goes in the same
-                    # puts, its quadrupole back first), then fresh frames
+                    # one step: absolute setpoints (the previous group's bumps go in the same
+                    # puts, its quadrupoles back first), then fresh frames
                     yield from bps.checkpoint()
-                    t_bump = yield from set_bump(k, i)
+                    t_bump = yield from set_bump(members, i)
                     if i == 0 and j == 0:
-                        if k > 0 and q_index[k - 1] != q:  # the previous BPM's quadrupole
-                            yield from unset_quad(q_index[k - 1])
-                        # one-sided approach (hysteresis): from K0 - dK
-                        yield from set_quad(q, float(k0[q] - dk))
-                    t_quad = yield from set_quad(q, float(k0[q] + sign * dk))
+                        if g > 0:  # the previous group's quadrupoles
+                            yield from unset_quads(
+                                [q_index[k] for k in groups[g - 1] if q_index[k] not in qs]
+                            )
+                        # one-sided approach (hysteresis): from the other sign first
+                        yield from set_quads(qs, quad_values(members, -1.0))
+                    t_quad = yield from set_quads(qs, quad_values(members, sign))
                     orbit, var = yield from measure(max(t_bump, t_quad))
+                    n_steps += 1
                     orbits[i, j], variances[i, j] = orbit, var
                     yield from bps.create("primary")
                     yield from bps.read(
                         step.update(
-                            bpm=b,
+                            bpm=bpm_names.index(chosen[members[0]]),
+                            group=g,
                             position=i,
                             sign=int(sign),
                             amplitude_x=float(scan["x"][i]),
                             amplitude_y=float(scan["y"][i]),
-                            strength=float(k0[q] + sign * dk),
+                            strength=float(k0[qs[0]] + sign * signs[members[0]] * dks[members[0]]),
                         )
                     )
                     yield from bps.read(orbit_rec.update(x=orbit[0], y=orbit[1]))
                     yield from bps.save()
-            readings = 0.5 * (orbits[:, 0, :, b] + orbits[:, 1, :, b])  # (npos, 2)
-            new: dict[str, BbaFit] = {}
-            for p in planes:
-                r = 0 if p == "x" else 1
-                noise = None
-                if n_samples > 1:  # pooled variance of one frame per BPM, all readings
-                    var = np.nanmean(variances[:, :, r], axis=(0, 1))
-                    noise = np.sqrt(var / n_samples)  # of one averaged reading
-                new[p] = fit_bba_center(
-                    readings[:, r],
-                    orbits[:, 0, r] - orbits[:, 1, r],
-                    sigma_position_m=None if noise is None else noise[b] / np.sqrt(2),
-                    sigma_change_m=None if noise is None else noise * np.sqrt(2),
-                    min_slope_snr=min_slope_snr,
-                    max_chi2_red=max_chi2_red,
-                    other_positions_m=readings[:, 1 - r] if planes == "xy" else None,
-                )
-            if planes == "xy":
-                new["x"], new["y"] = combine_bba_planes(new["x"], new["y"])
-            for p, fit in new.items():
-                fits[p].append(fit)
+            noise = None
+            if n_samples > 1:  # pooled variance of one frame per BPM, all readings
+                noise = np.sqrt(np.nanmean(variances, axis=(0, 1)) / n_samples)  # (2, nb)
+            diff = orbits[:, 0] - orbits[:, 1]  # (npos, 2, nb)
+            kicks = std_kicks = np.zeros((n_positions, 0))
+            if parallel:  # each member's kicks, from the model's columns of the group
+                columns = grouping.columns[:, list(members), :].reshape(2 * nb, -1)
+                sigma = None if noise is None else np.sqrt(2) * noise.ravel()
+                kicks = np.empty((n_positions, columns.shape[1]))
+                std_kicks = np.empty_like(kicks)
+                for i in range(n_positions):
+                    theta, cov = fit_group_kicks(columns, diff[i].ravel(), sigma)
+                    kicks[i], std_kicks[i] = theta, np.sqrt(np.diag(cov))
+            for m, k in enumerate(members):
+                b = bpm_names.index(chosen[k])
+                readings = 0.5 * (orbits[:, 0, :, b] + orbits[:, 1, :, b])  # (npos, 2)
+                new: dict[str, BbaFit] = {}
+                for p in planes:
+                    r = 0 if p == "x" else 1
+                    if parallel:
+                        changes = kicks[:, [2 * m + r]]
+                        sigma_change = None if noise is None else std_kicks[:, [2 * m + r]]
+                        direction = np.ones(1)
+                    else:
+                        changes = diff[:, r]
+                        sigma_change = None if noise is None else noise[r] * np.sqrt(2)
+                        direction = None
+                    new[p] = fit_bba_center(
+                        readings[:, r],
+                        changes,
+                        sigma_position_m=None if noise is None else noise[r, b] / np.sqrt(2),
+                        sigma_change_m=sigma_change,
+                        direction=direction,
+                        min_slope_snr=min_slope_snr,
+                        max_chi2_red=max_chi2_red,
+                        other_positions_m=readings[:, 1 - r] if planes == "xy" else None,
+                    )
+                if planes == "xy":
+                    new["x"], new["y"] = combine_bba_planes(new["x"], new["y"])
+                for p, fit in new.items():
+                    fits[p][k] = fit
 
         @bpp.run_decorator(md=_md)
         def run() -> MsgGenerator[None]:
-            for k in range(len(knobs)):
-                yield from align(k)
-            yield from record_result("bba", **_result(planes, knobs, dks, fits, n_positions))
+            for g in range(len(groups)):
+                yield from align(g)
+            done = {p: [f for f in fits[p] if f is not None] for p in "xy"}
+            yield from record_result(
+                "bba", **_result(planes, knobs, dks, done, n_positions, grouping, n_steps)
+            )
 
         return cast(
             str,
@@ -543,6 +764,8 @@ def _result(
     dks: Sequence[float],
     fits: Mapping[str, Sequence[BbaFit]],
     n_positions: int,
+    grouping: BbaGrouping,
+    n_steps: int,
 ) -> dict[str, Any]:
     """The ``bba`` result's fields."""
     n = len(knobs)
@@ -552,7 +775,13 @@ def _result(
         "quadrupole_names": [k.quadrupole for k in knobs],
         "distance": np.array([k.distance for k in knobs]),
         "dk": np.asarray(dks, float),
+        "group": np.zeros(n, np.int64),
+        "modulation_sign": np.asarray(grouping.signs, float),
+        "inflation": np.asarray(grouping.inflation, float),
+        "n_steps": int(n_steps),
     }
+    for g, members in enumerate(grouping.groups):
+        out["group"][list(members)] = g
     for p in "xy":
         f = fits[p]
         if p in planes:
@@ -589,8 +818,14 @@ def _result(
 
 
 def bba_knobs(result: Any, bpm: str) -> dict[str, dict[str, float]]:
-    """The scan knobs of ``bpm`` in a ``bba`` result: ``{plane: {corrector: kick per m}}``."""
+    """The scan knobs of ``bpm`` in a ``bba`` result: ``{plane: {corrector: kick per m}}``.
+
+    In parallel BBA every bump of a group moved together: the knob is the sum of the group's
+    bumps (they share no corrector), the scan knob that moved the beam through the quadrupole.
+    """
     k = list(result["bpm_names"]).index(bpm)
+    group = np.asarray(result["group"])
+    same = set(np.flatnonzero(group == group[k]).tolist())
     out: dict[str, dict[str, float]] = {}
     for i, p, c, v in zip(
         result["knob_bpm"],
@@ -599,6 +834,7 @@ def bba_knobs(result: Any, bpm: str) -> dict[str, dict[str, float]]:
         result["knob_kicks"],
         strict=True,
     ):
-        if int(i) == k:
-            out.setdefault(str(p), {})[str(c)] = float(v)
+        if int(i) in same:
+            plane = out.setdefault(str(p), {})
+            plane[str(c)] = plane.get(str(c), 0.0) + float(v)
     return out

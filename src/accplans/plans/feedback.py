@@ -16,7 +16,7 @@ import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import MsgGenerator
 
-from accplans.data import run_metadata
+from accplans.data import Result, run_metadata
 from accplans.devices import OrbitSource, SettableFamily, call_async
 from accplans.model import plane_response_blocks
 from accplans.physics import FeedbackGains, OrbitFeedbackController
@@ -25,6 +25,7 @@ from ._record import Record
 from ._safety import description_of, restore_on_exit, take_snapshot
 from ._stubs import read_orbit_frame, set_and_settle
 from ._worker import compute
+from .orbit_correction import reference_orbit
 
 __all__ = ["orbit_feedback"]
 
@@ -38,7 +39,7 @@ def orbit_feedback(
     gain: float = 0.5,
     proportional_gain: float = 0.0,
     alpha: float = 0.02,
-    reference: str = "current",
+    reference: str | Result | np.ndarray = "current",
     n_samples: int = 5,
     timeout: float = 10.0,
     md: dict[str, Any] | None = None,
@@ -64,8 +65,13 @@ def orbit_feedback(
         proportional_gain: proportional gain kp of the velocity-form PI, [0, 1].
         alpha: Tikhonov parameter as a fraction of each plane's largest singular value.
         reference: ``"current"`` (hold the orbit as found, averaged over ``n_samples``
-            frames) or ``"zero"`` (steer to zero BPM readings).
-        n_samples: frames averaged for a ``"current"`` reference.
+            frames), ``"zero"`` (steer to zero BPM readings), an array (m, x of every BPM
+            then y, or (2, nbpm)), or a ``bba`` result (``load_result(client, uid, "bba")``:
+            steer each BPM to its accepted centre, the reading with the beam through its
+            quadrupole's centre). In an array or a result, BPMs without a reference (NaN,
+            no accepted centre) hold their current reading.
+        n_samples: frames averaged for the current orbit (a ``"current"`` reference, or the
+            BPMs an array or a result leaves out).
         timeout: longest wait for one fresh frame (s).
         md: metadata added to the run's start document.
 
@@ -80,10 +86,16 @@ def orbit_feedback(
     description = description_of(bpms, hcorr, vcorr)
     if iterations < 1 or n_samples < 1:
         raise ValueError("orbit_feedback: iterations and n_samples must be >= 1")
-    if reference not in ("current", "zero"):
-        raise ValueError(
-            f"orbit_feedback: reference must be 'current' or 'zero', not {reference!r}"
-        )
+    given = None
+    if isinstance(reference, str):
+        if reference not in ("current", "zero"):
+            raise ValueError(
+                f"orbit_feedback: reference must be 'current', 'zero', an array or a bba "
+                f"result, not {reference!r}"
+            )
+    else:
+        given = reference_orbit(reference, [str(n) for n in bpms.names])
+        given = given.reshape(2, len(bpms.names))
     gains = FeedbackGains(ki=float(gain), kp=float(proportional_gain))
     if not (np.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"orbit_feedback: alpha must be a finite fraction >= 0, got {alpha!r}")
@@ -100,7 +112,9 @@ def orbit_feedback(
             "gain": gain,
             "proportional_gain": proportional_gain,
             "alpha": alpha,
-            "reference": reference,
+            "reference": reference
+            if isinstance(reference, str)
+            else (reference.uid if isinstance(reference, Result) else "array"),
             "n_samples": n_samples,
         },
         units={
@@ -161,7 +175,8 @@ def orbit_feedback(
         @bpp.run_decorator(md=_md)
         def run() -> MsgGenerator[None]:
             nonlocal after
-            if reference == "current":
+            hold = given is None and reference == "current"
+            if hold or (given is not None and bool(np.any(np.isnan(given)))):
                 frames = []
                 for _ in range(n_samples):
                     frame = yield from read_orbit_frame(bpms, after=after, timeout=timeout)
@@ -170,6 +185,8 @@ def orbit_feedback(
                 ref = np.nanmean(np.stack(frames), axis=0)
             else:
                 ref = np.zeros((2, nbpm))
+            if given is not None:
+                ref = np.where(np.isfinite(given), given, ref)
             yield from bps.create("baseline")
             yield from bps.read(ref_record.update(x=ref[0], y=ref[1]))
             yield from bps.save()

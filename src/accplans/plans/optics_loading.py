@@ -13,7 +13,7 @@ import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import MsgGenerator
 
-from accplans.config import MachineDescription
+from accplans.config import CrosstalkSpec, MachineDescription
 from accplans.data import Result, load_result, record_result, run_metadata, tiled_client_from_env
 from accplans.devices import Machine, SettableFamily, call_async, strength_unit
 from accplans.model import strengths_from_lattice
@@ -103,6 +103,61 @@ def _optics_values(
     }
 
 
+def _partial_groups(
+    description: MachineDescription, loaded: set[str]
+) -> list[tuple[CrosstalkSpec, list[int]]]:
+    """Multi-channel magnets of which some channels are loaded and others not (positions)."""
+    out = []
+    for ct in description.crosstalk:
+        channels = [k for k, name in enumerate(ct.devices) if name in loaded]
+        if 0 < len(channels) < len(ct.devices):
+            out.append((ct, channels))
+    return out
+
+
+def _held_targets(
+    description: MachineDescription,
+    chosen: Sequence[SettableFamily],
+    values: dict[str, Any],
+) -> MsgGenerator[dict[str, float]]:
+    """Hardware targets of the loaded channels of partly loaded multi-channel magnets.
+
+    The beam gets the optics's strength on them, the channels not loaded held at their
+    present setpoints (as a device's ``set`` does). The optics's strengths the beam sees are
+    ``M @ nominal`` over every channel of the magnet, so ``values`` must hold every channel (a
+    lattice file does; a stored optics records them).
+    """
+    loaded = {n for fam in chosen for n in fam.names}
+    index = {n: k for k, n in enumerate(values["device_names"])}
+    out: dict[str, float] = {}
+    for ct, channels in _partial_groups(description, loaded):
+        missing = [n for n in ct.devices if n not in index]
+        if missing:
+            raise ValueError(
+                f"load_optics: {values['source']} holds no strength for {missing}, channels of "
+                f"the multi-channel magnet {ct.devices}: the strengths its loaded channels must "
+                "give the beam are unknown"
+            )
+        nominal = np.array([values["strengths"][index[n]] for n in ct.devices], float)
+        beam = ct.apply(nominal)
+        first = ct.devices[channels[0]]
+        fam = next(f for f in chosen if first in f.names)
+        members = getattr(fam, "members", None)
+        member = members[fam.names.index(first)] if members is not None else None
+        if member is None or not hasattr(member, "partner_nominal"):
+            raise TypeError(
+                f"load_optics: {fam.name} cannot read the other channels of {first}'s magnet "
+                "(not an accplans MagnetFamily)"
+            )
+        held = yield from call_async(member.partner_nominal)
+        wanted = ct.nominal_for(beam[channels], channels, held)
+        for k, n in zip(channels, wanted, strict=True):
+            calibration = description.device(ct.devices[k]).calibration
+            assert calibration is not None  # a channel of a magnet
+            out[ct.devices[k]] = float(calibration.to_hardware(n))
+    return out
+
+
 def load_optics(
     families: Sequence[SettableFamily],
     source: str | Path | Result,
@@ -117,6 +172,10 @@ def load_optics(
     Each magnet of ``families`` takes the strength its lattice element has in the file (the
     file must hold the description's lattice, element for element, e.g. a ring pyAT saved
     after a fit), converted to hardware units through its calibration (cross-talk undone).
+    A multi-channel magnet (the description's ``crosstalk``) some of whose channels are not
+    loaded (correctors of a sextupole while loading the sextupoles) keeps those channels'
+    currents, and the loaded ones are solved so that the beam sees the file's strength on
+    them, as a device's ``set`` does.
     Every target is checked against the limits before anything moves. The magnets then ramp
     in ``steps`` linear steps (checkpoint -> set every family -> wait for the readbacks -> one
     ``primary`` event per step). The run records the loaded optics as an ``"optics"`` result
@@ -134,7 +193,10 @@ def load_optics(
             ``.json``, elegant ``.lte``, ...), the uid of a run holding an ``"optics"`` result,
             or such a result.
         steps: number of linear steps from the present setpoints (>= 1).
-        use: variable of a ``.mat`` file holding the ring (pyAT's default otherwise).
+        use: variable of a ``.mat`` file holding the ring, or the line (elegant) or sequence
+            (MAD-X) to read (pyAT's default otherwise). Elegant and MAD-X files carry no
+            corrector kick or skew component on a sextupole: load only the quadrupole and
+            sextupole families from them.
         client: the Tiled container of a stored optics; default from ``$TILED_URI`` and
             ``$TILED_API_KEY``.
         md: metadata added to the run's start document.
@@ -173,9 +235,21 @@ def load_optics(
                     f"load_optics: {values['source']} sets no strength for {fam.name} members "
                     f"{missing[:5]}"
                 )
-            targets[fam.name] = np.array([values["hardware"][index[n]] for n in fam.names])
+        held = yield from _held_targets(description, chosen, values)
+        for fam in chosen:
+            targets[fam.name] = np.array(
+                [held.get(n, values["hardware"][index[n]]) for n in fam.names]
+            )
             check_hardware_limits(description, fam.names, targets[fam.name])
         names = [n for fam in chosen for n in fam.names]
+        # the other channels of partly loaded magnets too, so that the stored optics loads
+        loaded = set(names)
+        names += [
+            n
+            for ct, _ in _partial_groups(description, loaded)
+            for n in ct.devices
+            if n not in loaded and n in index
+        ]
         picked = [index[n] for n in names]
         before = yield from take_snapshot(description, chosen)
         start = {f.name: np.array([before.setpoints[f.name][n] for n in f.names]) for f in chosen}

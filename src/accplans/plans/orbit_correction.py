@@ -27,6 +27,7 @@ __all__ = [
     "dispersion_response",
     "model_response",
     "orbit_correction_step",
+    "reference_orbit",
 ]
 
 
@@ -127,6 +128,7 @@ def correct_orbit(
     rf: SettableFamily | None = None,
     sum_of_kicks_weight: float | None = None,
     target: np.ndarray | None = None,
+    reference: Result | np.ndarray | None = None,
     dispersion: Result | None = None,
     dispersion_weight: float = 0.05,
     dispersion_planes: str = "y",
@@ -172,6 +174,12 @@ def correct_orbit(
         rf: the RF device: its frequency becomes an unknown of the correction (Hz).
         sum_of_kicks_weight: weight (m/rad) of a zero-sum row on the horizontal kick changes.
         target: golden orbit (m), x of the selected BPMs then y; zero by default.
+        reference: the orbit to correct to, like ``target`` but BPMs may be left out: an array
+            (m) of x of the selected BPMs then y (or (2, nbpm)), NaN for a reading not to
+            correct on; or a ``bba`` result (``load_result(client, uid, "bba")``): each
+            selected BPM's accepted centre (the reading with the beam through its
+            quadrupole's centre), the BPMs it has no accepted centre for left out of the
+            correction (in that plane). Exclusive with ``target``.
         dispersion: a measured dispersion (``load_result(client, uid, "dispersion")`` of
             ``measure_dispersion``) naming the selected BPMs: the correction then also brings
             the dispersion to the model's (Dx of the model, Dy zero on an uncoupled model) in
@@ -212,6 +220,9 @@ def correct_orbit(
     planes = np.array([description.device(n).plane for n in col_names])
     if response is not None:
         _check_response(response, bpm_names, col_names)
+    if reference is not None and target is not None:
+        raise ValueError("correct_orbit: give a target or a reference, not both")
+    ref = None if reference is None else reference_orbit(reference, bpm_names)
     measured_d = None if dispersion is None else _dispersion_rows(dispersion, bpm_names)
     if dispersion is not None and (not np.isfinite(dispersion_weight) or dispersion_weight <= 0):
         raise ValueError(f"dispersion_weight must be finite and > 0, got {dispersion_weight!r}")
@@ -222,6 +233,8 @@ def correct_orbit(
     options: dict[str, Any] = {"method": method, "n_singular": n_singular, "alpha": alpha}
     if target is not None:
         options["target"] = np.asarray(target, float)
+    if ref is not None:
+        options["target"] = np.nan_to_num(ref)
     if sum_of_kicks_weight:
         options["sum_of_kicks_weight"] = sum_of_kicks_weight
         options["sum_of_kicks_columns"] = np.flatnonzero(planes == "h")
@@ -244,6 +257,9 @@ def correct_orbit(
             "rf": rf is not None,
             "sum_of_kicks_weight": sum_of_kicks_weight,
             "target": target is not None,
+            "reference": None
+            if reference is None
+            else (reference.uid if isinstance(reference, Result) else "array"),
             "dispersion": None if dispersion is None else dispersion.uid,
             "dispersion_weight": dispersion_weight if dispersion is not None else None,
             "dispersion_planes": dispersion_planes if dispersion is not None else None,
@@ -294,7 +310,11 @@ def correct_orbit(
                 raise ValueError("correct_orbit(rf=...): the response has no RF column")
             options["rf_column"] = np.asarray(rf_column, float)
         valid = np.all(np.isfinite(matrix), axis=1)
+        if ref is not None:
+            valid &= np.isfinite(ref)
         options["bpm_weights"] = valid.astype(float)
+        goal = options.get("target")
+        goal = np.zeros(matrix.shape[0]) if goal is None else np.asarray(goal, float)
         if options.get("method") == "tikhonov" and options.get("alpha") is None:
             s_max = yield from compute(largest_singular_value, matrix)
             options["alpha"] = DEFAULT_RELATIVE_ALPHA * s_max
@@ -339,14 +359,16 @@ def correct_orbit(
         )
 
         def rms(orbit: np.ndarray) -> float:
-            return float(np.sqrt(np.mean(orbit[valid] ** 2)))
+            """The rms distance (m) from the target or reference, over the BPMs used."""
+            return float(np.sqrt(np.mean((orbit - goal)[valid] ** 2)))
 
         def objective(orbit: np.ndarray) -> float:
             """The rms of what the solve minimises (orbit, and predicted weighted D error)."""
             if d_matrix is None or d_error is None:
                 return rms(orbit)
             rows_d = (d_error + d_matrix @ applied)[options["bpm_weights"][nrow:] > 0]
-            return float(np.sqrt(np.mean(np.concatenate([orbit[valid], rows_d]) ** 2)))
+            rows_o = (orbit - goal)[valid]
+            return float(np.sqrt(np.mean(np.concatenate([rows_o, rows_d]) ** 2)))
 
         @bpp.run_decorator(md=_md)
         def run() -> MsgGenerator[None]:
@@ -390,6 +412,40 @@ def correct_orbit(
         return (yield from restore_on_exit(run(), moved, snapshot, policy="correction"))
 
     return (yield from plan())
+
+
+def reference_orbit(reference: Result | np.ndarray, bpm_names: Sequence[str]) -> np.ndarray:
+    """The reference orbit (m) at ``bpm_names``: x then y, NaN where there is none.
+
+    Args:
+        reference: an array of ``2 * nbpm`` values (x then y) or of shape (2, nbpm), in m,
+            NaN for a reading without a reference; or a ``bba`` result: its accepted centres
+            (``center_x`` / ``center_y`` where ``accepted_x`` / ``accepted_y``).
+        bpm_names: the BPMs (in the order of the orbit).
+
+    Raises:
+        ValueError: a result of another kind, or an array of the wrong size.
+    """
+    n = len(bpm_names)
+    if isinstance(reference, Result):
+        if reference.kind != "bba":
+            raise ValueError(f"a reference result must be of kind 'bba', got {reference.kind!r}")
+        out = np.full(2 * n, np.nan)
+        index = {str(b): k for k, b in enumerate(reference.data["bpm_names"])}
+        for p, plane in enumerate("xy"):
+            centre = np.asarray(reference.data[f"center_{plane}"], float)
+            accepted = np.asarray(reference.data[f"accepted_{plane}"], bool)
+            for i, name in enumerate(bpm_names):
+                k = index.get(str(name))
+                if k is not None and accepted[k]:
+                    out[p * n + i] = centre[k]
+        return out
+    arr = np.asarray(reference, dtype=float)
+    if arr.size != 2 * n or arr.ndim > 2 or (arr.ndim == 2 and arr.shape[0] != 2):
+        raise ValueError(
+            f"the reference must have 2 x {n} values (x then y, m), got shape {arr.shape}"
+        )
+    return arr.reshape(2 * n).copy()
 
 
 def _without_kicks(

@@ -11,24 +11,33 @@ from bluesky.utils import MsgGenerator
 
 from accplans.config import MachineDescription
 from accplans.data import FieldSpec, ResultSchema, record_result, register_result_kind, run_metadata
-from accplans.devices import Pinger, TbtBuffers, call_async
-from accplans.model import OnlineModel
-from accplans.physics import TbtOptics, analyze_tbt
+from accplans.devices import Pinger, TbtBuffers, TbtData, call_async
+from accplans.model import OnlineModel, PhaseFit, fit_phase_model
+from accplans.physics import TbtOptics, analyze_tbt, beta_beating
 
 from ._record import Record
+from ._stubs import BeamLost
 from ._worker import compute
 
-__all__ = ["measure_tbt", "model_tbt_reference"]
+__all__ = [
+    "fire_shot",
+    "fit_fields",
+    "fit_tbt_beta",
+    "measure_tbt",
+    "model_tbt_reference",
+    "tbt_result",
+]
 
 register_result_kind(
     ResultSchema(
         kind="tbt",
-        version=1,
+        version=2,
         description=(
             "Turn-by-turn optics of pinger shots: tunes (NAFF), per BPM the tune, phase, "
-            "phase advance from the first BPM, oscillation amplitude, beta from phase (3-BPM) "
-            "and its spread, the model beta and the beta-beating, and the BPMs flagged bad "
-            "(SVD); the kicks, turns and shots."
+            "phase advance from the first BPM, oscillation amplitude, beta from phase (3-BPM, "
+            "or a model fitted to the phases: beta_method) and the 3-BPM spread, the model "
+            "beta and the beta-beating, and the BPMs flagged bad (SVD); the kicks, turns and "
+            "shots."
         ),
         fields={
             "bpm_names": FieldSpec("", "(nbpm,)", "str"),
@@ -41,6 +50,10 @@ register_result_kind(
             "bad_reasons": FieldSpec("", "(nbpm,)", "str"),
             "beating_rms_x": FieldSpec("", "()"),
             "beating_rms_y": FieldSpec("", "()"),
+            "beta_method": FieldSpec("", "()", "str"),
+            "beta_3bpm_x": FieldSpec("m", "(nbpm,)", optional=True),
+            "beta_3bpm_y": FieldSpec("m", "(nbpm,)", optional=True),
+            "fit_residual_rms": FieldSpec("rad", "()", optional=True),
             **{
                 f"{name}_{plane}": FieldSpec(unit, "(nbpm,)")
                 for plane in ("x", "y")
@@ -90,6 +103,7 @@ def measure_tbt(
     threshold: float = 6.0,
     timeout: float = 60.0,
     md: dict | None = None,
+    beta_method: str = "3bpm",
 ) -> MsgGenerator[str]:
     """Kick the beam with the pinger and measure the optics from turn-by-turn BPM buffers.
 
@@ -116,6 +130,11 @@ def measure_tbt(
         threshold: outlier threshold of the bad-BPM detection (robust standard deviations).
         timeout: longest wait for the buffers of one shot (s).
         md: metadata added to the run's start document.
+        beta_method: ``"3bpm"`` (beta from the phases of neighbouring BPMs and the model's
+            transport between them) or ``"fit"`` (the design model's quadrupole gradients and
+            the sextupoles' orbit gradients fitted to the measured phases,
+            :func:`accplans.model.fit_phase_model`, in the worker; ``beta_*`` is the fitted
+            model's beta, ``beta_3bpm_*`` the 3-BPM one; tens of seconds on EBS).
 
     Returns:
         The uid of the run: a ``primary`` event per shot (``shot-x``, ``shot-y``: (n_bpm,
@@ -127,6 +146,8 @@ def measure_tbt(
             raise ValueError(f"measure_tbt: {label} must be finite, got {kick!r}")
     if amplitude_x == 0 and amplitude_y == 0:
         raise ValueError("measure_tbt: at least one of amplitude_x, amplitude_y must be non-zero")
+    if beta_method not in ("3bpm", "fit"):
+        raise ValueError(f"measure_tbt: beta_method must be '3bpm' or 'fit', got {beta_method!r}")
     if turns < 16 or shots < 1:
         raise ValueError(f"measure_tbt: need turns >= 16 and shots >= 1, got {turns}, {shots}")
     names = list(bpms.bpm_names)
@@ -143,6 +164,7 @@ def measure_tbt(
             "turns": turns,
             "shots": shots,
             "threshold": threshold,
+            "beta_method": beta_method,
         },
         units=_UNITS,
         num_points=shots,
@@ -184,13 +206,7 @@ def measure_tbt(
             xs, ys = [], []
             for _ in range(shots):
                 yield from bps.checkpoint()
-                counter = yield from call_async(bpms.counter.get_value)
-                yield from bps.mv(pinger.fire, 1)
-                data = yield from call_async(bpms.wait_for_buffers, counter, timeout)
-                if data.x.shape != (n, turns):
-                    raise RuntimeError(
-                        f"measure_tbt: buffers of {data.x.shape[1]} turns, asked for {turns}"
-                    )
+                data = yield from fire_shot(bpms, pinger, turns, timeout)
                 xs.append(data.x)
                 ys.append(data.y)
                 yield from bps.create("primary")
@@ -204,7 +220,13 @@ def measure_tbt(
                 _analyze, np.array(xs), np.array(ys), mu, beta, tunes, threshold
             )
             kicks = (amplitude_x, amplitude_y, turns, shots)
-            yield from record_result("tbt", **tbt_result(optics, names, beta, tunes, kicks))
+            fields = tbt_result(optics, names, beta, tunes, kicks)
+            if beta_method == "fit":
+                fit = yield from compute(
+                    fit_tbt_beta, description, names, optics.phases, optics.amplitudes, ~optics.bad
+                )
+                fields.update(fit_fields(fit, beta, optics))
+            yield from record_result("tbt", **fields)
 
         def restore() -> MsgGenerator[None]:
             yield from bps.mv(
@@ -219,6 +241,30 @@ def measure_tbt(
         return (yield from bpp.finalize_wrapper(run(), restore()))
 
     return (yield from plan())
+
+
+def fire_shot(
+    bpms: TbtBuffers, pinger: Pinger, turns: int, timeout: float
+) -> MsgGenerator[TbtData]:
+    """Fire the pinger once and return the buffers newer than the shot (a plan stub).
+
+    Put a checkpoint before it: the step is fire -> wait for the buffers' counter -> read.
+
+    Raises:
+        BeamLost: every buffer reads 0 (no beam).
+        TimeoutError: no new buffers within ``timeout`` s.
+        RuntimeError: the buffers do not hold ``turns`` turns of every BPM.
+    """
+    counter = yield from call_async(bpms.counter.get_value)
+    yield from bps.mv(pinger.fire, 1)
+    data = yield from call_async(bpms.wait_for_buffers, counter, timeout)
+    if data.x.shape != (bpms.n_bpm, turns):
+        raise RuntimeError(
+            f"{bpms.name}: buffers of shape {data.x.shape}, asked for {bpms.n_bpm} x {turns}"
+        )
+    if not (np.any(data.x) or np.any(data.y)):
+        raise BeamLost(f"beam lost: every turn-by-turn buffer of {bpms.name} reads 0")
+    return data
 
 
 def tbt_result(
@@ -250,6 +296,7 @@ def tbt_result(
         "bad_reasons": reasons,
         "beating_rms_x": float(optics.beating_rms[0]),
         "beating_rms_y": float(optics.beating_rms[1]),
+        "beta_method": "3bpm",
     }
     for p, plane in enumerate(("x", "y")):
         out[f"bpm_tune_{plane}"] = optics.bpm_tunes[p]
@@ -260,6 +307,40 @@ def tbt_result(
         out[f"beta_error_{plane}"] = optics.beta_error[p]
         out[f"model_beta_{plane}"] = np.asarray(model_beta[p], dtype=float)
         out[f"beta_beating_{plane}"] = optics.beta_beating[p]
+    return out
+
+
+def fit_tbt_beta(
+    description: MachineDescription,
+    bpm_names: list[str],
+    phases: np.ndarray,
+    amplitudes: np.ndarray,
+    good: np.ndarray,
+    hardware: dict[str, float] | None = None,
+) -> PhaseFit:
+    """The model fitted to measured phases (a worker job; the design model by default).
+
+    Each phase is weighted by its BPM's oscillation amplitude (its noise is the BPM noise over
+    the amplitude).
+    """
+    model = OnlineModel(description)
+    if hardware:
+        model.set_hardware(hardware)
+    sigma = 1.0 / np.where(amplitudes > 0, amplitudes, np.nan)
+    return fit_phase_model(model, phases, sigma, good, bpms=bpm_names)
+
+
+def fit_fields(fit: PhaseFit, model_beta: np.ndarray, optics: TbtOptics) -> dict[str, Any]:
+    """The ``tbt`` fields of a fitted beta (beta, beating from the fit; 3-BPM kept aside)."""
+    out: dict[str, Any] = {"beta_method": "fit", "fit_residual_rms": float(fit.residual_rms[-1])}
+    good = ~optics.bad
+    for p, plane in enumerate(("x", "y")):
+        beta = np.where(good, fit.beta[p], np.nan)
+        beat, rms = beta_beating(beta, model_beta[p])
+        out[f"beta_3bpm_{plane}"] = optics.beta[p]
+        out[f"beta_{plane}"] = beta
+        out[f"beta_beating_{plane}"] = beat
+        out[f"beating_rms_{plane}"] = rms
     return out
 
 

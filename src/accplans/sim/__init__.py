@@ -6,8 +6,9 @@ child process on loopback for tests and the demo. Nothing but the CLI and tests 
 package: plans talk to the twin over EPICS, as to a real machine.
 """
 
-from ._bba_truth import bba_truth
+from ._bba_truth import bba_truth, beam_in_quadrupoles
 from ._cli import add_twin_commands, serve_main
+from ._emittance import EmittanceResult, EmittanceSettings, compute_emittances, true_c_minus
 from ._errors import ErrorModel, TwinErrors, bpm_readings, draw_errors
 from ._ioc import IocSettings, TwinIoc
 from ._process import (
@@ -24,7 +25,12 @@ from ._truth import Truth, load_truth
 from ._twin import BeamSettings, Frame, Twin
 
 __all__ = [
+    "EmittanceResult",
+    "EmittanceSettings",
+    "compute_emittances",
+    "true_c_minus",
     "bba_truth",
+    "beam_in_quadrupoles",
     "BAD_BPM_KINDS",
     "BeamSettings",
     "TbtSettings",

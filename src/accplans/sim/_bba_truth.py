@@ -17,7 +17,7 @@ quadrupole, hence the kick a gradient change gives, vanishes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import at
 import numpy as np
@@ -27,7 +27,7 @@ from accplans.config import MachineDescription, parse_field
 from ._errors import bpm_readings
 from ._truth import Truth
 
-__all__ = ["bba_truth"]
+__all__ = ["bba_truth", "beam_in_quadrupoles"]
 
 _STEP = 1e-4  # knob amplitude step of the finite differences (knob units, m for a bump)
 
@@ -130,3 +130,30 @@ def bba_truth(
     return np.array(
         [reading[0] if "x" in planes else np.nan, reading[1] if "y" in planes else np.nan]
     )
+
+
+def beam_in_quadrupoles(
+    truth: Truth, description: MachineDescription, quadrupoles: Sequence[str]
+) -> np.ndarray:
+    """The true beam position relative to each quadrupole's magnetic centre (m), for tests.
+
+    The closed orbit of the true lattice at the twin's path length (pyAT ``find_orbit4``),
+    averaged over each quadrupole's entrance and exit, minus its misalignment (the mean
+    ``quad_shift_m`` of its elements): zero when the beam passes through the centre (see the
+    module docstring).
+
+    Returns:
+        (nq, 2) x and y (m), in the order of ``quadrupoles``.
+    """
+    quad_elements = [int(e) for e in truth["quad_elements"]]
+    shift = np.asarray(truth["quad_shift_m"], float)
+    ends, centres = [], []
+    for name in quadrupoles:
+        elements = description.device(name).elements
+        ends.append((min(elements), max(elements) + 1))
+        centres.append(np.mean([shift[quad_elements.index(e)] for e in elements], axis=0))
+    refs = np.array(sorted({e for pair in ends for e in pair}), dtype=np.int64)
+    _, orbit = at.find_orbit4(truth.ring, dct=truth.dct_m, refpts=refs)
+    row = {int(e): k for k, e in enumerate(refs)}
+    beam = np.array([0.5 * (orbit[row[a], (0, 2)] + orbit[row[z], (0, 2)]) for a, z in ends])
+    return beam - np.asarray(centres)

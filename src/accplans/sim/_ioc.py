@@ -33,6 +33,11 @@ Turn by turn (``accplans.sim._tbt``; PV names from ``accplans.config.tbt_pvs`` a
 and its buffers are published on every BPM family's ``<FAMILY>:TBT:X``/``Y`` (mm, BPM-major,
 ``NTURNS`` turns each), then ``TIME`` (epoch of the shot) and, last, ``COUNTER``. A shot fired
 while the previous one is being tracked is refused (``PINGER:BUSY`` is 1).
+
+Emittance monitor (``accplans.sim._emittance``; PV names from ``accplans.config.emittance_pvs``):
+``<prefix>EMIT:X``/``Y`` (pm rad), ``SIZE_X``/``SIZE_Y`` (um), recomputed in a worker process
+once the magnets have been still for a moment, stamped in ``TIME`` with the readback snapshot
+they belong to, ``COUNTER`` last.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from accplans.config import (
     tbt_pvs,
 )
 
+from ._emittance import EmittanceServer
 from ._tbt import track_shot
 from ._twin import Frame, Twin
 
@@ -222,6 +228,7 @@ class TwinIoc:
         self._tbt_counter = 0
         self._pool: Any = None
         self._shot: asyncio.Task[None] | None = None
+        self.emittance = EmittanceServer(twin, self.prefix)
         self.record_count = 0
         self._reset_channels()
 
@@ -298,6 +305,7 @@ class TwinIoc:
                 builder.longStringIn(name(pv, where), initial_value=ident, length=len(ident) + 1)
         self._control_records(builder, name)
         self._tbt_records(builder, name)
+        self.emittance.create_records(builder, name)
         self.record_count = len(created)
         if len(set(created)) != len(created):
             dupes = sorted({n for n in created if created.count(n) > 1})
@@ -807,6 +815,7 @@ class TwinIoc:
         self._ctl["ramp_rate"].set(self.ramp_rate, process=False)
         self._ctl["noise"].set(int(self.twin.noise), process=False)
         self._publish_truth()
+        self.emittance.reset()
         for ch in range(len(self.sp)):
             if self._sp_rec[ch] is not None:
                 self._sp_rec[ch].set(float(self.sp[ch]), process=False)
@@ -880,6 +889,7 @@ class TwinIoc:
             self._loop.create_task(self._mirror_loop()),
             self._loop.create_task(self._bpm_scalar_loop()),
         ]
+        self.emittance.start()
 
     async def stop(self) -> None:
         """Cancel the tasks; fail the puts still waiting."""
@@ -897,6 +907,7 @@ class TwinIoc:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        await self.emittance.stop()
 
     async def _tick_loop(self) -> None:
         assert self._dirty is not None
@@ -946,6 +957,7 @@ class TwinIoc:
             self._tick_done.set()
             return
         self._publish(frame, now, rb)
+        self.emittance.on_tick(now, changed=frame.solved, idle=idle)
         pending: list[_Waiter] = []
         for w in waiters:
             if w.future.done():

@@ -32,6 +32,7 @@ from ._errors import ErrorModel, TwinErrors, bpm_readings, draw_errors
 from ._tbt import BAD_BPM_KINDS, ShotRequest, ShotResult, TbtSettings
 
 if TYPE_CHECKING:
+    from ._emittance import EmittanceResult
     from ._truth import Truth
 
 __all__ = ["BeamSettings", "Frame", "Twin"]
@@ -889,6 +890,22 @@ class Twin:
         for i, (dx, dy) in zip(e.quad_elements.tolist(), e.quad_shift_m, strict=True):
             at.shift_elem(ring[i], dx=float(dx), dy=float(dy))
         return Truth(ring=ring, meta=meta, arrays=arrays)
+
+    def emittances(self, source_element: int = 0) -> EmittanceResult:
+        """Equilibrium emittances and beam sizes of the true lattice now (pyAT, ~1 s on EBS).
+
+        What the emittance monitor serves, without its noise (see :mod:`accplans.sim._emittance`).
+        """
+        from ._emittance import EmittanceSettings, compute_emittances, emittance_request
+
+        settings = EmittanceSettings(source_element=source_element)
+        return compute_emittances(emittance_request(self, settings))
+
+    def c_minus(self) -> float:
+        """``|C-|`` of the true lattice at the served RF frequency (closest tune approach)."""
+        from ._emittance import true_c_minus
+
+        return true_c_minus(self.ring, self.dct)
 
     def export_truth(self, directory: str | Path) -> Path:
         """Write the truth to ``directory`` (see :class:`~accplans.sim.Truth`); return it."""

@@ -1,0 +1,172 @@
+"""Benchmark: serial and parallel ``bba`` on the full EBS ring, against the twin's truth.
+
+The issue's error model (100 um rms BPM offsets, 10 um rms quadrupole misalignments, 1 um BPM
+noise, the other errors at their defaults). For each seed: ``correct_orbit`` to zero readings
+(its defaults), the true rms distance between beam and quadrupole centres at the BBA'd
+quadrupoles (``accplans.sim.beam_in_quadrupoles``), then ``bba`` (``--mode parallel``,
+``serial`` or ``both``) on every ``--every``-th BPM (1: all 320), then ``correct_orbit``
+to the BBA reference (``reference=`` the ``bba`` result) and the distance again.
+
+Printed per run: wall time, machine steps (``n_steps`` of the result: every set-wait-read
+step of the plan, ``2 * n_positions`` per BPM in serial BBA, per group in parallel BBA),
+accepted fits, errors of the accepted centres against ``accplans.sim.bba_truth`` (the
+noise-free reading with the beam through the quadrupole's centre, moved by the plan's own
+knob: for parallel BBA the group's bumps together), the largest pull, and the beam-quadrupole
+distances; at the end ``ratio parallel/serial steps: X``. Without a serial run on a seed the
+serial step count is the deterministic ``2 * n_positions * n_bpms``.
+
+Run: ``nice -n 10 .venv/bin/python benchmarks/bba_full_ring.py [--seeds 1 2 3]
+[--mode parallel] [--every 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from typing import Any, cast
+
+import numpy as np
+
+from accplans.sim import (
+    ErrorModel,
+    bba_truth,
+    beam_in_quadrupoles,
+    client_environment,
+    reserve_ports,
+    run_twin,
+)
+
+PORTS = reserve_ports(1)[0]
+os.environ.update(client_environment([PORTS]))
+from bluesky import RunEngine  # noqa: E402
+
+from accplans.config import load_description  # noqa: E402
+from accplans.data import BackgroundTiledWriter, LocalTiled, load_result  # noqa: E402
+from accplans.devices import connect_sync  # noqa: E402
+from accplans.plans import bba, bba_knobs, correct_orbit, shutdown_workers  # noqa: E402
+
+ERRORS = ErrorModel(bpm_offset_m=100e-6, quad_shift_m=10e-6, bpm_noise_m=1e-6)
+
+
+def _rms(a: np.ndarray) -> float:
+    return float(np.sqrt(np.nanmean(np.asarray(a) ** 2)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--mode", choices=("parallel", "serial", "both"), default="parallel")
+    ap.add_argument("--serial-seeds", type=int, nargs="*", default=None)
+    ap.add_argument("--every", type=int, default=1)
+    ap.add_argument("--max-group", type=int, default=None)
+    ap.add_argument("--max-inflation", type=float, default=None)
+    ap.add_argument("--n-samples", type=int, default=None)
+    ap.add_argument("--n-positions", type=int, default=None)
+    ap.add_argument("--no-truth", action="store_true", help="skip bba_truth (slow)")
+    a = ap.parse_args()
+    d = load_description("ebs")
+    names = list(d.families["bpms"].devices)
+    sel = names[:: a.every]
+    options = {
+        k: v
+        for k, v in {
+            "max_group": a.max_group,
+            "max_inflation": a.max_inflation,
+            "n_samples": a.n_samples,
+            "n_positions": a.n_positions,
+        }.items()
+        if v is not None
+    }
+    serial_options = {k: v for k, v in options.items() if k in ("n_samples", "n_positions")}
+    steps: dict[str, list[float]] = {"parallel": [], "serial": []}
+    per_bpm = 2 * int(options.get("n_positions", 5))
+    with tempfile.TemporaryDirectory() as tmp, LocalTiled(tmp + "/tiled") as tiled:
+        client = tiled.client()
+        for seed in a.seeds:
+            modes = ["parallel", "serial"] if a.mode == "both" else [a.mode]
+            if a.serial_seeds is not None and seed not in a.serial_seeds:
+                modes = [m for m in modes if m != "serial"]
+            for mode in modes:
+                with run_twin("ebs", seed=seed, errors=ERRORS, ports=PORTS) as twin:
+                    engine = RunEngine({}, call_returns_result=True)
+                    writer = BackgroundTiledWriter(client)
+                    engine.subscribe(writer)
+                    m = connect_sync(d, address=f"127.0.0.1:{PORTS.ca}")
+                    engine(correct_orbit(m.bpms, [m.hcorr, m.vcorr], rf=m.rf))
+                    truth = twin.control.export_truth(f"{tmp}/{seed}-{mode}-0")
+                    t0 = time.perf_counter()
+                    kw = options if mode == "parallel" else serial_options
+                    res = engine(
+                        bba(
+                            m.bpms, m.quadrupoles, m.hcorr, m.vcorr, select=sel,
+                            parallel=mode == "parallel", **kw,
+                        )
+                    )  # fmt: skip
+                    wall = time.perf_counter() - t0
+                    (uid,) = cast(Any, res).run_start_uids
+                    writer.flush(timeout=120)
+                    r = load_result(client, uid, "bba")
+                    quads = list(r["quadrupole_names"])
+                    before = beam_in_quadrupoles(truth, d, quads)
+                    n_steps = int(r["n_steps"])
+                    steps[mode].append(n_steps / len(sel))
+                    acc = np.c_[r["accepted_x"], r["accepted_y"]]
+                    ngroups = len(set(np.asarray(r["group"]).tolist()))
+                    line = (
+                        f"seed {seed} {mode}: {len(sel)} BPMs, {wall:.0f} s, {n_steps} steps "
+                        f"({n_steps / len(sel):.2f} per BPM, {ngroups} groups), accepted "
+                        f"{acc.sum(0)}"
+                    )
+                    if not a.no_truth:
+                        err = np.array(
+                            [
+                                np.array([r["center_x"][k], r["center_y"][k]])
+                                - bba_truth(truth, d, n, quads[k], bba_knobs(r, n))
+                                for k, n in enumerate(r["bpm_names"])
+                            ]
+                        )
+                        e = np.where(acc, err, np.nan)
+                        std = np.c_[r["std_center_x"], r["std_center_y"]]
+                        line += (
+                            f"; error rms x {_rms(e[:, 0]) * 1e6:.2f} y {_rms(e[:, 1]) * 1e6:.2f}"
+                            f" um, max x {np.nanmax(np.abs(e[:, 0])) * 1e6:.2f} y "
+                            f"{np.nanmax(np.abs(e[:, 1])) * 1e6:.2f} um; median std "
+                            f"{np.median(std, 0) * 1e6} um; |pull| max "
+                            f"{np.nanmax(np.abs(e / std)):.1f}, 95% "
+                            f"{np.nanquantile(np.abs(e / std), 0.95):.1f}"
+                        )
+                    print(line, flush=True)
+                    rejected = [
+                        (n, r["rejected_x"][k], r["rejected_y"][k])
+                        for k, n in enumerate(r["bpm_names"])
+                        if not acc[k].all()
+                    ]
+                    for item in rejected[:10]:
+                        print("  rejected", *item)
+                    engine(correct_orbit(m.bpms, [m.hcorr, m.vcorr], rf=m.rf, reference=r))
+                    truth2 = twin.control.export_truth(f"{tmp}/{seed}-{mode}-1")
+                    after = beam_in_quadrupoles(truth2, d, quads)
+                    print(
+                        f"  beam - quadrupole centre, rms over the {len(quads)} quadrupoles: "
+                        f"after correction to zero x {_rms(before[:, 0]) * 1e6:.1f} y "
+                        f"{_rms(before[:, 1]) * 1e6:.1f} um ({_rms(before) * 1e6:.1f} both); "
+                        f"after correction to the BBA reference x {_rms(after[:, 0]) * 1e6:.1f}"
+                        f" y {_rms(after[:, 1]) * 1e6:.1f} um ({_rms(after) * 1e6:.1f} both); "
+                        f"ratio {_rms(before) / _rms(after):.1f}",
+                        flush=True,
+                    )
+                    writer.close(timeout=120)
+                    engine.loop.call_soon_threadsafe(engine.loop.stop)
+        client.context.close()
+    shutdown_workers()
+    serial = np.mean(steps["serial"]) if steps["serial"] else float(per_bpm)
+    if not steps["serial"]:
+        print(f"serial steps: {per_bpm} per BPM (2 * n_positions, deterministic; not run)")
+    if steps["parallel"]:
+        print(f"ratio parallel/serial steps: {np.mean(steps['parallel']) / serial:.3f}")
+
+
+if __name__ == "__main__":
+    main()
