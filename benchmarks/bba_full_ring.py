@@ -45,7 +45,13 @@ from bluesky import RunEngine  # noqa: E402
 from accplans.config import load_description  # noqa: E402
 from accplans.data import BackgroundTiledWriter, LocalTiled, load_result  # noqa: E402
 from accplans.devices import connect_sync  # noqa: E402
-from accplans.plans import bba, bba_knobs, correct_orbit, shutdown_workers  # noqa: E402
+from accplans.plans import (  # noqa: E402
+    bba,
+    bba_knobs,
+    correct_coupling,
+    correct_orbit,
+    shutdown_workers,
+)
 
 ERRORS = ErrorModel(bpm_offset_m=100e-6, quad_shift_m=10e-6, bpm_noise_m=1e-6)
 
@@ -64,7 +70,15 @@ def main() -> None:
     ap.add_argument("--max-inflation", type=float, default=None)
     ap.add_argument("--n-samples", type=int, default=None)
     ap.add_argument("--n-positions", type=int, default=None)
+    ap.add_argument(
+        "--fit-coupling", type=int, choices=(0, 1), default=None, help="bba(fit_coupling=...)"
+    )
     ap.add_argument("--no-truth", action="store_true", help="skip bba_truth (slow)")
+    ap.add_argument(
+        "--correct-coupling",
+        action="store_true",
+        help="correct_coupling (every 9th corrector) and correct_orbit again before bba",
+    )
     a = ap.parse_args()
     d = load_description("ebs")
     names = list(d.families["bpms"].devices)
@@ -76,6 +90,7 @@ def main() -> None:
             "max_inflation": a.max_inflation,
             "n_samples": a.n_samples,
             "n_positions": a.n_positions,
+            "fit_coupling": None if a.fit_coupling is None else bool(a.fit_coupling),
         }.items()
         if v is not None
     }
@@ -95,6 +110,16 @@ def main() -> None:
                     engine.subscribe(writer)
                     m = connect_sync(d, address=f"127.0.0.1:{PORTS.ca}")
                     engine(correct_orbit(m.bpms, [m.hcorr, m.vcorr], rf=m.rf))
+                    if a.correct_coupling:
+                        assert m.rf is not None and m.skew is not None
+                        every9 = d.family("hcorr").devices[::9] + d.family("vcorr").devices[::9]
+                        cc = engine(
+                            correct_coupling(
+                                m.bpms, [m.hcorr, m.vcorr], m.rf, m.skew, select=every9
+                            )
+                        )
+                        print(f"seed {seed}: correct_coupling {cast(Any, cc).exit_status}")
+                        engine(correct_orbit(m.bpms, [m.hcorr, m.vcorr], rf=m.rf))
                     truth = twin.control.export_truth(f"{tmp}/{seed}-{mode}-0")
                     t0 = time.perf_counter()
                     kw = options if mode == "parallel" else serial_options

@@ -233,3 +233,40 @@ def test_quadrupoles_compensate_gradient_dipole_errors(small_desc: MachineDescri
     lm.set_gradients(errors + change)
     assert np.all(before > 1e-3)
     assert np.all(beat() < before / 5)
+
+
+def test_bipolar_orm_is_pyats_closed_orbit_difference(small_desc: MachineDescription) -> None:
+    """``bipolar_orm`` against ``at.find_orbit4`` at +-kick (fixed RF), with an orbit in the
+    sextupoles; its difference from the linear ORM (the correction a fit adds) is the cubic
+    term: it grows as kick^2."""
+    model = OnlineModel(small_desc)
+    rng = np.random.default_rng(2)
+    model.set_hardware({n: float(rng.normal(0.0, 0.2)) for n in model._corrector_names})
+    lm = LocoModel.from_online(model)
+    ring = lm.ring.deepcopy()
+    refpts = lm.bpm_elements.astype(np.uint32)
+    kick = 0.5e-3
+    cols = [0, 5, 30, 40]
+    reference = np.empty((2 * len(refpts), len(cols)))
+    for c, j in enumerate(cols):
+        (drive,) = lm.columns[j]
+        orbits = []
+        for sign in (1.0, -1.0):
+            elem = ring[drive.element]
+            old = float(elem.KickAngle[drive.index])
+            elem.KickAngle[drive.index] = old + sign * kick
+            _, o = at.find_orbit4(ring, dct=lm.dct, refpts=refpts)
+            elem.KickAngle[drive.index] = old
+            orbits.append(np.concatenate([o[:, 0], o[:, 2]]))
+        reference[:, c] = (orbits[0] - orbits[1]) / (2 * kick)
+    bipolar = lm.bipolar_orm(kick)
+    linear = lm.evaluate(jacobian=False, rf=False).matrix
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(bipolar[:, cols], reference, rtol=0, atol=1e-7 * scale)
+    small = np.linalg.norm(lm.nonlinear_correction(kick / 2, linear))
+    large = np.linalg.norm(lm.nonlinear_correction(kick, linear))
+    assert np.linalg.norm(reference - linear[:, cols]) > 1e-6 * scale  # the term is there
+    assert large / small == pytest.approx(4.0, rel=0.05)
+    # evaluate(kick=...) is the linear ORM plus that correction; the Jacobian stays linear
+    data = lm.evaluate(kick=kick)
+    np.testing.assert_allclose(data.matrix, bipolar, rtol=0, atol=1e-9 * scale)

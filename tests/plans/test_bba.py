@@ -71,7 +71,9 @@ def test_bba_centres_agree_with_the_truth_and_everything_is_restored(
     truth = twin.control.export_truth(tmp_path / "truth")
     result = run_plan(
         run_engine,
-        bba(*fams, dk_rel=0.1, n_samples=4, n_positions=7, span_m=300e-6),
+        # max_chi2_red 8: 32 fits of 4 degrees of freedom with the 300 um scan's sextupole
+        # curvature put one good fit above the default 5 now and then (5.15 seen in CI)
+        bba(*fams, dk_rel=0.1, n_samples=4, n_positions=7, span_m=300e-6, max_chi2_red=8.0),
     )
     assert result.exit_status == "success"
     assert_same_setpoints(_setpoints(machine), before)
@@ -170,12 +172,12 @@ def test_parallel_bba_and_correction_to_its_reference_centre_the_beam_in_the_qua
     tmp_path: Path,
 ) -> None:
     """Parallel BBA of all 16 BPMs (the serial test's settings): fewer groups than BPMs
-    (no shared corrector in a group, ``n_steps`` = 2 n_positions per group), every fit
-    accepted, <= 2 um rms and <= 6 um max against the truth (the group's own knob), within
-    4 sigma + 0.3 um of the fit's uncertainty; everything restored. Then the orbit corrected
-    to zero readings leaves the true beam ~100 um from the quadrupoles' centres, and
-    corrected to the BBA reference within 15 um rms of them and at least 5x closer (the
-    issue's figures)."""
+    (no shared corrector in a group, ``n_steps`` = 2 max(n_positions, 2 n + 2) per group of
+    n), every fit accepted, <= 2 um rms and <= 6 um max against the truth (each BPM's own
+    knob), within 4 sigma + 0.3 um of the fit's uncertainty; everything restored. Then the
+    orbit corrected to zero readings leaves the true beam ~100 um from the quadrupoles'
+    centres, and corrected to the BBA reference within 15 um rms of them and at least 5x
+    closer (the issue's figures)."""
     twin, machine = bba_small
     description = machine.description
     fams = (machine.bpms, machine.quadrupoles, machine.hcorr, machine.vcorr)
@@ -188,7 +190,7 @@ def test_parallel_bba_and_correction_to_its_reference_centre_the_beam_in_the_qua
         bba(
             *fams,
             parallel=True,
-            max_inflation=1.2,
+            max_inflation=3.0,  # the small ring's columns: noise-limited beyond
             dk_rel=0.1,
             n_samples=4,
             n_positions=n_positions,
@@ -204,7 +206,10 @@ def test_parallel_bba_and_correction_to_its_reference_centre_the_beam_in_the_qua
     groups = np.asarray(res["group"])
     n_groups = len(set(groups.tolist()))
     assert n_groups < len(names)
-    assert res["n_steps"] == 2 * n_positions * n_groups
+    sizes = np.bincount(groups)
+    # a group of n fits both planes' columns together: 2 n + 2 positions at least
+    positions = [n_positions if n == 1 else max(n_positions, 2 * n + 2) for n in sizes]
+    assert res["n_steps"] == 2 * sum(positions)
     errors = np.array(
         [
             np.array([res["center_x"][k], res["center_y"][k]])

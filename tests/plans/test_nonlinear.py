@@ -145,22 +145,38 @@ def test_correct_nonlinear_refuses_when_no_free_knob_cuts_the_detuning(
 ) -> None:
     """The small ring is periodic: every focusing (defocusing) sextupole changes the detuning
     alike to first order, so in the null space of the chromaticity response no step cuts it.
-    The plan says so and moves nothing (sextupoles, pinger)."""
+    The plan says so and moves nothing (sextupoles, quadrupoles, RF, pinger), the trims given
+    or not; the trims' devices come together or not at all."""
     buffers, pinger = tbt_devices
-    sextupoles = machine.sextupoles
-    before = _values(pinger.kick_x, pinger.kick_y, buffers.turns, buffers.counter)
-    start = call_in_bluesky_event_loop(sextupoles.hardware_setpoints())
-    with pytest.raises(ValueError, match="refused before any move"):
-        run_plan(
-            run_engine,
-            correct_nonlinear(
-                buffers, pinger, sextupoles, knobs=list(sextupoles.names)[:4], iterations=1,
-                hold_tunes=False, kicks_x=KICKS_X, kicks_y=KICKS_Y, kick_small=SMALL,
-            ),
-        )  # fmt: skip
-    assert _values(pinger.kick_x, pinger.kick_y, buffers.turns, buffers.counter) == before
-    np.testing.assert_array_equal(
-        call_in_bluesky_event_loop(sextupoles.hardware_setpoints()), start
+    sextupoles, quadrupoles, rf, tune = (
+        machine.sextupoles,
+        machine.quadrupoles,
+        machine.rf,
+        machine.tune,
     )
+    assert rf is not None and tune is not None
+    before = _values(pinger.kick_x, pinger.kick_y, buffers.turns, buffers.counter)
+    start = [
+        call_in_bluesky_event_loop(f.hardware_setpoints()) for f in (sextupoles, quadrupoles, rf)
+    ]
+    for trims in ({}, {"tune": tune, "rf": rf, "quadrupoles": quadrupoles}):
+        with pytest.raises(ValueError, match="refused before any move"):
+            run_plan(
+                run_engine,
+                correct_nonlinear(
+                    buffers, pinger, sextupoles, knobs=list(sextupoles.names)[:4], iterations=1,
+                    hold_tunes=False, kicks_x=KICKS_X, kicks_y=KICKS_Y, kick_small=SMALL,
+                    **trims,
+                ),
+            )  # fmt: skip
+    assert _values(pinger.kick_x, pinger.kick_y, buffers.turns, buffers.counter) == before
+    for f, values in zip((sextupoles, quadrupoles, rf), start, strict=True):
+        np.testing.assert_array_equal(call_in_bluesky_event_loop(f.hardware_setpoints()), values)
     with pytest.raises(ValueError, match="terms"):
         run_plan(run_engine, correct_nonlinear(buffers, pinger, sextupoles, terms=["dqx"]))
+    with pytest.raises(ValueError, match="hold"):
+        run_plan(run_engine, correct_nonlinear(buffers, pinger, sextupoles, hold=["dqy"]))
+    with pytest.raises(ValueError, match="together"):
+        run_plan(run_engine, correct_nonlinear(buffers, pinger, sextupoles, tune=tune))
+    with pytest.raises(ValueError, match="rounds"):
+        run_plan(run_engine, correct_nonlinear(buffers, pinger, sextupoles, rounds=2))

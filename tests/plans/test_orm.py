@@ -293,3 +293,52 @@ def test_orm_of_the_ebs_ring_with_errors_is_the_true_lattices(
     figures["rf"] = orm_relative_difference(data["rf_column"], rf_reference)
     print(f"\nseeded EBS ({measured.seconds:.1f} s): truth {figures}")
     assert max(figures.values()) < TOLERANCE, figures
+
+
+@pytest.mark.twin(noise=False)
+def test_orm_with_averaged_frames_has_the_noise_of_the_mean(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    machine: Machine,
+    fresh_small_twin: TwinProcess,
+    small: MachineDescription,
+    tmp_path: Path,
+) -> None:
+    """``n_frames=4``, noise on: every step records 4 later frames and uses their mean, the
+    plan's standard errors are those of one frame over sqrt(4), and the matrix scatters
+    about the twin's true ORM with exactly those errors (chi2/dof ~ 1; the standard errors
+    of one frame would give ~1/4). The frames and n_frames are in the run."""
+    noise = ErrorModel().bpm_noise_m
+    n = 4
+    select = list(range(0, 48, 2))
+    fresh_small_twin.control.set_noise(True)
+    one = _measure(run_engine, writer, client, machine, select=select, bpm_noise=noise)
+    four = _measure(run_engine, writer, client, machine, select=select, bpm_noise=noise, n_frames=n)
+    sigma1 = np.sqrt(2) * noise / (2 * 40e-6)
+    np.testing.assert_allclose(one.data["noise"], sigma1, rtol=1e-3)
+    np.testing.assert_allclose(four.data["noise"], sigma1 / np.sqrt(n), rtol=1e-3)
+    assert four.data["n_frames"] == n and one.data["n_frames"] == 1
+    names = list(four.data["corrector_names"])
+    reference, _ = _truth_reference(fresh_small_twin, small, names, tmp_path)
+    chi2_one = chi2_per_dof(one.data["matrix"], reference, one.data["noise"])
+    chi2_four = chi2_per_dof(four.data["matrix"], reference, four.data["noise"])
+    rms_one = np.sqrt(np.mean((one.data["matrix"] - reference) ** 2))
+    rms_four = np.sqrt(np.mean((four.data["matrix"] - reference) ** 2))
+    print(
+        f"\n1 frame ({one.seconds:.1f} s): chi2/dof {chi2_one:.3f}, rms {rms_one:.3g} m/rad; "
+        f"{n} frames ({four.seconds:.1f} s): chi2/dof {chi2_four:.3f}, rms {rms_four:.3g} "
+        f"m/rad (ratio {rms_one / rms_four:.2f}, sqrt({n}) = {np.sqrt(n):.2f})"
+    )
+    assert 0.8 < chi2_one < 1.25  # 768 elements each
+    assert 0.8 < chi2_four < 1.25
+    uid = four.result.uid
+    steps = client[uid]["primary"].read()
+    frames = np.asarray(steps["step-frame"])
+    assert len(frames) == 2 * len(select) * n
+    np.testing.assert_array_equal(frames, np.tile(np.arange(n), 2 * len(select)))
+    counters = np.asarray(steps["orbit-counter"]).reshape(-1, n)
+    bad = np.flatnonzero(np.any(np.diff(counters, axis=1) <= 0, axis=1))
+    assert bad.size == 0, (counters[bad], np.asarray(steps["orbit-frame_time"]).reshape(-1, n)[bad])
+    assert client[uid].metadata["start"]["n_frames"] == n
+    assert client[uid].metadata["start"]["plan_args"]["n_frames"] == n

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from aioca import caget, caput
 
-from accplans.config import BUILTIN_LATTICES, load_description
+from accplans.config import BUILTIN_LATTICES, emittance_pvs, load_description
 from accplans.sim import TwinPorts, TwinProcess, run_twin
 
 
@@ -33,6 +33,19 @@ def _group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry.name))
     return members
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``pid`` is ``ancestor`` or one of its descendants (from /proc)."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
@@ -74,7 +87,16 @@ def test_twin_from_a_lattice_file_stops_and_leaves_nothing_behind(twin_ports: Tw
         truth = twin.control.export_truth()  # to the --export-dir
         assert truth.meta["machine"] == "myring"
         assert (tmp_path / "exports" / "lattice.mat").exists()
-        assert _group_members(pid) == [pid]
+        # the emittance monitor computes in a worker process (and its resource tracker): wait
+        # until it has, so the check below covers the twin's own children too
+        counter = emittance_pvs("MYRING:")["counter"]
+        deadline = time.monotonic() + 60
+        while twin.control.get(counter) < 1:
+            assert time.monotonic() < deadline, "the emittance monitor never computed"
+            time.sleep(0.2)
+        members = set(_group_members(pid))
+        assert pid in members and len(members) > 1, members
+        assert all(_descends_from(m, pid) for m in members), members
         raise RuntimeError("boom")
     assert _wait_exit(pid, 0)  # already reaped when the block exits
     assert _group_members(pid) == []

@@ -306,6 +306,7 @@ register_result_kind(
             "kicks": FieldSpec("rad", "(ncorr,)"),
             "noise": FieldSpec("m/rad", "(2*nbpm, ncorr)"),
             "valid": FieldSpec("", "(2*nbpm, ncorr)", "bool"),
+            "n_frames": FieldSpec("", "()", optional=True),
         },
         check=_check_orm,
     )

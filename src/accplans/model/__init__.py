@@ -6,7 +6,13 @@ Never the twin's truth.
 """
 
 from ._bumps import BumpResponse, bump_point, bump_response, nearest_bump_correctors
-from ._coupling import CouplingResponse, coupling_response, model_c_minus, one_turn_matrix
+from ._coupling import (
+    CouplingResponse,
+    coupling_response,
+    model_c_minus,
+    one_turn_matrix,
+    skew_element_response,
+)
 from ._loco import (
     GradientParameter,
     LocoModel,
@@ -32,6 +38,7 @@ from ._strengths import LatticeStrengths, strengths_from_lattice
 __all__ = [
     "CouplingResponse",
     "coupling_response",
+    "skew_element_response",
     "model_c_minus",
     "one_turn_matrix",
     "BumpResponse",

@@ -11,7 +11,13 @@ from ..physics import closest_tune_approach
 from ._model import OnlineModel
 from ._orm import FieldDrive, exact_response
 
-__all__ = ["CouplingResponse", "coupling_response", "model_c_minus", "one_turn_matrix"]
+__all__ = [
+    "CouplingResponse",
+    "coupling_response",
+    "model_c_minus",
+    "one_turn_matrix",
+    "skew_element_response",
+]
 
 
 def one_turn_matrix(model: OnlineModel) -> np.ndarray:
@@ -141,8 +147,41 @@ def _linear_response(
         if len(dev.elements) != 1:
             raise ValueError(f"{name}: the linear coupling response needs one element per skew")
         elements.append(dev.elements[0])
+    return skew_element_response(model, bpms, correctors, elements, planes=planes)
+
+
+def skew_element_response(
+    model: OnlineModel,
+    bpms: Sequence[str],
+    correctors: Sequence[str],
+    elements: Sequence[int] | np.ndarray,
+    *,
+    planes: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Response of the coupling observables to a skew gradient in any lattice elements.
+
+    The ``method="linear"`` response of :func:`coupling_response`, per unit ``PolynomA[1]``
+    (m^-2) added to each element of ``elements`` (quadrupoles, sextupoles, multipoles: any
+    element with a ``PolynomA``), whether or not a device drives it: the columns of a
+    coupling-source fit (quadrupole rolls, sextupole vertical offsets and the orbit in the
+    sextupoles all act as skew gradients).
+
+    Args:
+        model: the online model (its closed orbit and optics are used).
+        bpms: BPM names (rows).
+        correctors: corrector names (columns of the ORM).
+        elements: lattice indices of the skew-gradient sources.
+        planes: corrector planes; read from the description by default.
+
+    Returns:
+        ``(orm_response, dy_response)``: (nbpm * ncorr, nel) [m/rad per m^-2], ordered as
+        :func:`accplans.physics.coupling_observables`, and (nbpm, nel) [m per m^-2].
+    """
+    desc = model.description
+    if planes is None:
+        planes = np.array([desc.device(n).plane or "" for n in correctors])
     bpm_el = np.array([desc.device(n).elements[0] for n in bpms], dtype=np.int64)
-    sk_el = np.array(elements, dtype=np.int64)
+    sk_el = np.asarray(elements, dtype=np.int64)
     model._ensure_orbit()
     columns = [model._columns(n) for n in correctors]
     columns += [[FieldDrive(int(e), "PolynomA", 0)] for e in sk_el]
@@ -151,11 +190,12 @@ def _linear_response(
     m6, per_dct, _ = exact_response(model._solver, refs, columns)
     nb, nc, ns = len(bpm_el), len(correctors), len(sk_el)
     at_bpm = m6[:, :nb, :]  # (6, nb, ncol)
-    # orbit per corrector in the skews: the mean of entrance and exit
+    # orbit per corrector in the sources: the mean of entrance and exit
     at_skew = 0.5 * (m6[:, nb : nb + ns, :nc] + m6[:, nb + ns :, :nc])  # (6, ns, nc)
-    g_a = at_bpm[:, :, nc : nc + ns]  # (6, nb, ns): per unit PolynomA[0] at each skew
+    g_a = at_bpm[:, :, nc : nc + ns]  # (6, nb, ns): per unit PolynomA[0] at each source
     g_b = at_bpm[:, :, nc + ns :]
     x_s, y_s = at_skew[0], at_skew[2]  # (ns, nc)
+    # a skew gradient a on an orbit (x, y) is PolynomA[0] = a x, PolynomB[0] = -a y:
     # d orbit_b(c) / d a_s = g_a[:, b, s] x_s(c) - g_b[:, b, s] y_s(c)
     d_orbit = np.einsum("ibs,sc->ibcs", g_a, x_s) - np.einsum("ibs,sc->ibcs", g_b, y_s)
     h, v = planes == "h", planes == "v"
@@ -166,6 +206,6 @@ def _linear_response(
         ]
     )
     d6 = per_dct / per_dct[4]
-    disp_s = 0.5 * (d6[:, nb : nb + ns] + d6[:, nb + ns :])  # (6, ns): dispersion in the skews
+    disp_s = 0.5 * (d6[:, nb : nb + ns] + d6[:, nb + ns :])  # (6, ns): dispersion in the sources
     dy_resp = g_a[2] * disp_s[0][None, :] - g_b[2] * disp_s[2][None, :]
     return orm_resp, dy_resp

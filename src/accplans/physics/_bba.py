@@ -40,8 +40,14 @@ import numpy as np
 __all__ = [
     "BbaFit",
     "BbaGroups",
+    "GroupCentres",
+    "GroupColumns",
+    "bba_scan_orders",
     "combine_bba_planes",
+    "decorrelated_order",
     "fit_bba_center",
+    "fit_group_centres",
+    "fit_group_columns",
     "fit_group_kicks",
     "group_bba_quadrupoles",
 ]
@@ -518,3 +524,247 @@ def fit_group_kicks(
         dof = max(int(rows.sum()) - u.shape[1], 1)
         cov = cov * float(np.sum(w * res**2)) / dof
     return coef, cov
+
+
+def _centred_unit(orders: np.ndarray) -> np.ndarray:
+    """Rows of ``orders`` (permutations of ``0..n-1``) centred and normalised."""
+    t = np.asarray(orders, float) - 0.5 * (orders.shape[-1] - 1)
+    return t / np.linalg.norm(t, axis=-1, keepdims=True)
+
+
+def decorrelated_order(n: int) -> np.ndarray:
+    """An order of ``n`` equally spaced amplitudes uncorrelated (or least) with the sorted one."""
+    t = np.arange(n) - 0.5 * (n - 1)
+    best, best_corr = np.arange(n), np.inf
+    for step in range(1, n):
+        if np.gcd(step, n) != 1:
+            continue
+        for offset in range(n):
+            order = (step * np.arange(n) + offset) % n
+            corr = abs(float(t @ t[order]))
+            if corr < best_corr - 1e-9:
+                best, best_corr = order, corr
+    return best
+
+
+def bba_scan_orders(
+    n_members: int,
+    n_positions: int,
+    n_planes: int = 2,
+    *,
+    joint: bool = False,
+    seed: int = 0,
+    n_trials: int = 400,
+) -> np.ndarray:
+    """The order in which each member of a parallel BBA group visits the scan amplitudes.
+
+    Member 0 visits them sorted in x and in :func:`decorrelated_order` in y (the serial
+    scan). Each further member's order in each plane is the random permutation (of
+    ``n_trials``, seeded: the same answer every time) that keeps the plane's orders most
+    independent (largest smallest eigenvalue of their correlation matrix, centred), less its
+    largest correlation with the other plane's orders; with ``joint``, that keeps all the
+    orders of both planes most independent. :func:`fit_group_columns` needs the orders it
+    regresses on independent, with the constant, to tell the members' columns apart:
+    ``n_positions >= n_members + 2`` per plane (``2 n_members + 2`` for both planes jointly)
+    leaves a degree of freedom per row for the noise.
+
+    Returns:
+        (n_members, n_planes, n_positions) integer orders (permutations of ``range(n)``).
+
+    Raises:
+        ValueError: ``n_positions < n_members + 1`` (the orders cannot be independent).
+    """
+    if n_members < 1 or n_planes not in (1, 2):
+        raise ValueError("bba_scan_orders: n_members >= 1 and n_planes 1 or 2")
+    least = max((n_planes if joint else 1) * n_members + 1, 3)
+    if n_positions < least:
+        raise ValueError(
+            f"bba_scan_orders: {n_members} members need >= {least} positions, got {n_positions}"
+        )
+    rng = np.random.default_rng(seed)
+    orders = np.zeros((n_members, n_planes, n_positions), np.int64)
+    orders[0, 0] = np.arange(n_positions)
+    if n_planes == 2:
+        orders[0, 1] = decorrelated_order(n_positions)
+    for m in range(1, n_members):
+        for p in range(n_planes):
+            same = _centred_unit(orders[:m, p])
+            other = _centred_unit(orders[: m + 1 if p else m, 1 - p]) if n_planes == 2 else None
+            if joint and other is not None:
+                same, other = np.r_[same, other], None
+            best, best_score = orders[0, p], -np.inf
+            for _ in range(n_trials):
+                candidate = rng.permutation(n_positions)
+                u = _centred_unit(candidate[None, :])
+                rows = np.r_[same, u]
+                smallest = float(np.linalg.eigvalsh(rows @ rows.T)[0])
+                cross = 0.0
+                if other is not None and len(other):
+                    cross = float(np.max(np.abs(other @ u[0])))
+                score = smallest - 0.5 * cross
+                if score > best_score:
+                    best, best_score = candidate, score
+            orders[m, p] = best
+    return orders
+
+
+@dataclass(frozen=True)
+class GroupColumns:
+    """The outcome of :func:`fit_group_columns` (SI units).
+
+    Attributes:
+        columns: (nrow, nm) each member's difference-orbit column: the change of each row's
+            difference orbit per metre of the member's reading (m/m); NaN for rows left out.
+        intercept: (nrow,) each row's difference orbit at the members' mean readings (m).
+        std_columns: (nrow, nm) the columns' standard uncertainties (m/m).
+        significance: (nm,) how far each column stands above the noise, in standard
+            deviations of its chi-square (``(sum (column / std)^2 - nrow) / sqrt(2 nrow)``):
+            below ~5 the modulation of that member does not move the orbit measurably.
+        sigma_rows: (nrow,) the noise per row used (m): the given one, or the residuals'.
+        chi2_red: reduced chi-square of the rows' regressions (NaN without a given noise).
+    """
+
+    columns: np.ndarray
+    intercept: np.ndarray
+    std_columns: np.ndarray
+    significance: np.ndarray
+    sigma_rows: np.ndarray
+    chi2_red: float
+
+
+def fit_group_columns(
+    readings_m: np.ndarray, orbit_changes_m: np.ndarray, sigma_m: np.ndarray | float | None = None
+) -> GroupColumns:
+    """Each group member's difference-orbit column, from the data alone (parallel BBA).
+
+    In parallel BBA the difference orbit at scan position ``i`` is
+    ``d_i = sum_m B_m (r_mi - c_m)``: member ``m``'s column ``B_m`` (its kick's orbit shape
+    times its modulation) times its beam offset, which its BPM reads as ``r_mi - c_m``. When
+    the members visit the scan amplitudes in independent orders
+    (:func:`bba_scan_orders`), every row of ``d`` is a straight-line regression on the
+    members' readings: ``d_ji = a_j + sum_m B_jm (r_mi - mean r_m)``, which gives the columns
+    from the data, with no optics model (a model's columns leak one member's kick into
+    another's estimate as much as the model is wrong: the beta-beating of a real machine).
+    :func:`fit_group_kicks` with these columns then splits each ``d_i`` into the members'
+    offsets ``r_mi - c_m``, and :func:`fit_bba_center` finds each ``c_m``.
+
+    Args:
+        readings_m: (npos, nm) each member's BPM reading at each scan position (m).
+        orbit_changes_m: (npos, nrow) the difference orbits (m); a row with NaN is left out.
+        sigma_m: the difference orbit's noise per row (m): scalar or (nrow,); ``None``: from
+            the regressions' residuals (needs ``npos >= nm + 2``).
+
+    Raises:
+        ValueError: inconsistent shapes, non-finite readings, too few positions.
+    """
+    r = np.atleast_2d(np.asarray(readings_m, float))
+    d = np.atleast_2d(np.asarray(orbit_changes_m, float))
+    npos, nm = r.shape
+    if d.shape[0] != npos:
+        raise ValueError(
+            f"fit_group_columns: {npos} positions of readings but {d.shape[0]} difference orbits"
+        )
+    if not np.all(np.isfinite(r)):
+        raise ValueError("fit_group_columns: readings_m must be finite")
+    dof = npos - nm - 1
+    if dof < (1 if sigma_m is None else 0):
+        raise ValueError(
+            f"fit_group_columns: {nm} members and {npos} positions: need >= {nm + 2} positions"
+        )
+    nrow = d.shape[1]
+    design = np.c_[np.ones(npos), r - r.mean(axis=0)]
+    inverse = np.linalg.pinv(design.T @ design)
+    rows = np.all(np.isfinite(d), axis=0)
+    coef = np.full((nm + 1, nrow), np.nan)
+    coef[:, rows] = inverse @ design.T @ d[:, rows]
+    residual = d - design @ coef
+    if sigma_m is None:
+        sig = np.sqrt(np.sum(residual**2, axis=0) / dof)
+        chi2_red = float("nan")
+    else:
+        sig = np.broadcast_to(np.asarray(sigma_m, float), (nrow,)).copy()
+        ok = rows & np.isfinite(sig) & (sig > 0)
+        chi2_red = (
+            float(np.sum((residual[:, ok] / sig[ok]) ** 2) / (dof * ok.sum()))
+            if dof > 0 and ok.any()
+            else float("nan")
+        )
+    std = np.sqrt(np.outer(np.diag(inverse)[1:], sig**2)).T
+    z = coef[1:].T / np.where(std > 0, std, np.nan)
+    good = rows & np.all(np.isfinite(z), axis=1)
+    n = max(int(good.sum()), 1)
+    significance = (np.sum(z[good] ** 2, axis=0) - n) / np.sqrt(2 * n)
+    return GroupColumns(coef[1:].T, coef[0], std, significance, sig, chi2_red)
+
+
+@dataclass(frozen=True)
+class GroupCentres:
+    """The outcome of :func:`fit_group_centres` (SI units).
+
+    Attributes:
+        center_m: (nm,) each member's BPM reading with the beam through its quadrupole's
+            centre (m).
+        std_center_m: (nm,) their standard uncertainties (m).
+        offsets_m: (npos, nm) each member's beam offset from its centre, as its BPM reads it,
+            at each scan position, from the difference orbit alone (m).
+        std_offsets_m: (npos, nm) their standard uncertainties (m).
+        columns: the members' columns fitted from the data (:class:`GroupColumns`).
+    """
+
+    center_m: np.ndarray
+    std_center_m: np.ndarray
+    offsets_m: np.ndarray
+    std_offsets_m: np.ndarray
+    columns: GroupColumns
+
+
+def fit_group_centres(
+    readings_m: np.ndarray,
+    orbit_changes_m: np.ndarray,
+    sigma_m: np.ndarray | float | None = None,
+    sigma_position_m: np.ndarray | float | None = None,
+) -> GroupCentres:
+    """The centres of the quadrupoles of a parallel BBA group, from the data alone.
+
+    The columns come from :func:`fit_group_columns`; the regressions' intercepts ``a`` (the
+    difference orbit at the members' mean readings ``mean r``) are ``-sum_m B_m (c_m - mean
+    r_m)``, so ``c = mean r - (B^T W B)^-1 B^T W a``, with ``W`` the rows' inverse variances.
+    Its covariance, to first order in the noise of the difference orbits and of the readings,
+    is ``((B^T W B)^-1 + sigma_r^2) / (1^T Q 1)``, with ``Q`` the projector off the span of the
+    members' offsets ``r_m - c_m`` over the positions: ``1^T Q 1`` is ``npos`` for scans
+    centred on the centres, and falls the further the centres lie outside the scans.
+
+    Args:
+        readings_m: (npos, nm) each member's BPM reading at each scan position (m).
+        orbit_changes_m: (npos, nrow) the difference orbits (m); a row with NaN is left out.
+        sigma_m: the difference orbit's noise per row (m), scalar or (nrow,); ``None``: from
+            the regressions' residuals.
+        sigma_position_m: the readings' noise (m), scalar or (nm,); ``None``: 0.
+
+    Raises:
+        ValueError: as :func:`fit_group_columns`.
+    """
+    r = np.atleast_2d(np.asarray(readings_m, float))
+    d = np.atleast_2d(np.asarray(orbit_changes_m, float))
+    npos, nm = r.shape
+    found = fit_group_columns(r, d, sigma_m)
+    rows = np.all(np.isfinite(found.columns), axis=1) & np.isfinite(found.intercept)
+    rows &= np.isfinite(found.sigma_rows) & (found.sigma_rows > 0)
+    b = found.columns[rows]
+    w = 1.0 / found.sigma_rows[rows] ** 2
+    normal = np.linalg.pinv(b.T @ (b * w[:, None]))
+    centre = r.mean(axis=0) - normal @ (b.T @ (w * found.intercept[rows]))
+    offsets = r - centre
+    span = np.linalg.pinv(offsets)
+    q = np.eye(npos) - offsets @ span
+    weight = float(np.ones(npos) @ q @ np.ones(npos))
+    sig_r = np.zeros(nm) if sigma_position_m is None else np.broadcast_to(sigma_position_m, (nm,))
+    variance = (np.diag(normal) + np.asarray(sig_r, float) ** 2) / max(weight, 1e-12)
+    fitted = (d[:, rows] * w) @ b @ normal  # (npos, nm): each difference orbit split
+    return GroupCentres(
+        center_m=centre,
+        std_center_m=np.sqrt(variance),
+        offsets_m=fitted,
+        std_offsets_m=np.broadcast_to(np.sqrt(np.diag(normal)), (npos, nm)).copy(),
+        columns=found,
+    )

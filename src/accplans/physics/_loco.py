@@ -89,7 +89,8 @@ class LocoFit:
         iterations: model evaluations made (accepted and rejected steps).
         singular_values: singular values of the scaled Jacobian at the last step.
         kept: how many of them passed the SVD cut.
-        converged: the relative chi2 decrease fell below the tolerance.
+        converged: the relative chi2 decrease fell below the tolerance, or chi2 reached the
+            rounding floor (1e-24 of the starting chi2).
         gradient_sigma: (npar,) one-sigma statistical error of ``gradients`` (from the
             weights, within the kept singular vectors).
     """
@@ -478,6 +479,10 @@ def _check_model(model: LocoModelData, shape: tuple[int, int], npar: int | None)
     return int(model.jacobian.shape[0])
 
 
+#: chi2 relative to the starting chi2 below which a fit is at the rounding floor
+_ROUNDING_FLOOR = 1e-24
+
+
 def fit_loco(
     measured: np.ndarray,
     model: LocoModelData,
@@ -625,7 +630,9 @@ def fit_loco(
                 lam = max(lam / 10.0, 1e-7)
                 if callback is not None:
                     callback(iterations, chi2)
-                if decrease < tolerance:
+                # converged: chi2 stopped falling, or the data are fitted to rounding (residuals
+                # 1e-12 of the start's: below that the decrease is rounding noise, never small)
+                if decrease < tolerance or chi2 <= _ROUNDING_FLOOR * history[0]:
                     converged = True
                 break
             lam *= 10.0

@@ -7,17 +7,17 @@ the orbit with the quadrupole at ``K0 + dK`` and at ``K0 - dK``. The difference 
 proportional to the beam's distance from the quadrupole's magnetic centre;
 :func:`accplans.physics.fit_bba_center` finds, per plane, the BPM reading where it vanishes,
 and :func:`accplans.physics.combine_bba_planes` both planes' at once. With ``parallel=True``
-groups of quadrupoles (:func:`accplans.physics.group_bba_quadrupoles`) are modulated at once
-and the difference orbit is split into their kicks
-(:func:`accplans.physics.fit_group_kicks`). The physics and its error budget are in
-``docs/explanations/bba.md``.
+groups of quadrupoles (:func:`accplans.physics.group_bba_quadrupoles`) are modulated at once,
+each member's bump visiting the amplitudes in its own order, and the members' centres come
+from columns fitted to the data (:func:`accplans.physics.fit_group_centres`). The physics and
+its error budget are in ``docs/explanations/bba.md``.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import bluesky.plan_stubs as bps
@@ -38,11 +38,13 @@ from accplans.model import (
 from accplans.physics import (
     BbaFit,
     BumpError,
+    GroupCentres,
+    bba_scan_orders,
     bump_kicks,
     bump_span,
     combine_bba_planes,
     fit_bba_center,
-    fit_group_kicks,
+    fit_group_centres,
     group_bba_quadrupoles,
 )
 
@@ -257,16 +259,12 @@ class BbaGrouping:
         signs: (nsel,) the sign of each quadrupole's first modulation in its group.
         inflation: (nsel,) variance inflation of each quadrupole's kick estimate.
         tune_shift: (ngroups, 2) each group's model tune shift at its first modulation.
-        columns: (2 * nbpm, nsel, 2) the model's orbit response at every BPM of the family
-            (rows x then y) to a horizontal (``[..., 0]``) and a vertical (``[..., 1]``) kick
-            at each quadrupole's centre [m/rad].
     """
 
     groups: tuple[tuple[int, ...], ...]
     signs: np.ndarray
     inflation: np.ndarray
     tune_shift: np.ndarray
-    columns: np.ndarray
 
 
 def _kick_columns(
@@ -351,7 +349,7 @@ def design_bba_groups(
         max_inflation=max_inflation,
         tune_shifts=shifts,
     )
-    return BbaGrouping(groups.groups, groups.signs, groups.inflation, groups.tune_shift, columns)
+    return BbaGrouping(groups.groups, groups.signs, groups.inflation, groups.tune_shift)
 
 
 def bba(
@@ -371,7 +369,8 @@ def bba(
     max_chi2_red: float = 5.0,
     parallel: bool = False,
     max_group: int = 8,
-    max_inflation: float = 5.0,
+    max_inflation: float = 20.0,
+    fit_coupling: bool = True,
     timeout: float = 10.0,
     md: dict | None = None,
 ) -> MsgGenerator[str]:
@@ -397,14 +396,17 @@ def bba(
     BPM) and whose kicks the difference orbit tells apart (the model's responses to kicks at
     the members are nearly orthogonal: each kick's least-squares variance is at most
     ``max_inflation`` times what it would be alone), from the online model's optics in the
-    worker process (:func:`~accplans.physics.group_bba_quadrupoles`). All the group's bumps
-    move together, all its quadrupoles are modulated together (signs chosen to cancel the
-    tune shifts); at each amplitude the difference orbit is split into each member's kicks
-    by least squares on the model's columns (:func:`~accplans.physics.fit_group_kicks`),
-    and each member's kicks are fitted like a serial scan's projections. It takes
-    ``2 * n_positions`` machine steps per group instead of per BPM. On the EBS twin its
-    accuracy is not yet the serial method's (model-column leakage between members; see
-    ``docs/explanations/bba.md``).
+    worker process (:func:`~accplans.physics.group_bba_quadrupoles`). All the group's
+    quadrupoles are modulated together (signs chosen to cancel the tune shifts) and all its
+    bumps move at each step, each member visiting the amplitudes in its own independent order
+    (:func:`~accplans.physics.bba_scan_orders`) over ``max(n_positions, 2 N + 2)`` positions
+    for a group of ``N`` (``N + 2`` with ``fit_coupling=False``). Every BPM row of the
+    difference orbits is then a linear regression on the members' readings of both planes,
+    which gives each member's columns from the data, with no optics model, and the centres by
+    weighted least squares (:func:`~accplans.physics.fit_group_centres`). It takes
+    ``2 * max(n_positions, 2 N + 2)`` machine steps per group instead of ``2 * n_positions``
+    per BPM. On the EBS twin its centres are 2-3 um rms from the truth, against the serial
+    method's ~1 um (``docs/explanations/bba.md``).
 
     Hysteresis: the quadrupole goes to ``K0 - dK`` before the first reading, so every
     ``K0 + dK`` is approached from below and every ``K0 - dK`` from above: every reading of
@@ -437,6 +439,12 @@ def bba(
         parallel: modulate groups of quadrupoles at once (see above).
         max_group: most quadrupoles in a group (parallel).
         max_inflation: largest variance inflation of a member's kick estimate (parallel, >= 1).
+        fit_coupling: parallel, both planes: fit the members' columns of both planes together
+            (every row regressed on the readings of both planes: the machine's coupling of
+            one plane's kick into the other's orbit is fitted, a group of ``N`` scans
+            ``2 N + 2`` positions); ``False``: each plane alone (``N + 2`` positions; the
+            coupling then biases the centres by the cross-plane response times the other
+            plane's offset).
         timeout: longest wait for one fresh frame (s).
         md: metadata added to the run's start document.
 
@@ -480,12 +488,6 @@ def bba(
             f"{quadrupoles.name}"
         )
     hnames, vnames = [str(n) for n in hcorr.names], [str(n) for n in vcorr.names]
-    amplitudes = np.linspace(-span_m, span_m, n_positions)
-    # both planes: y visits the same amplitudes in another order, so that the two readings are
-    # independent regressors and the coupling between the planes can be fitted
-    scan = {"x": amplitudes, "y": amplitudes[_decorrelated_order(n_positions)]}
-    if planes != "xy":
-        scan = {p: amplitudes for p in "xy"}
     nb = len(bpm_names)
     _md = run_metadata(
         description,
@@ -542,9 +544,22 @@ def bba(
                 np.ones(len(knobs)),
                 np.ones(len(knobs)),
                 np.zeros((len(knobs), 2)),
-                np.zeros((0, len(knobs), 2)),
             )
         groups = grouping.groups
+        # each group's scan amplitudes (m), (members, x y, positions): a member alone visits
+        # n_positions sorted in x and in another order in y (the readings of both planes are
+        # then independent regressors, so the coupling between the planes can be fitted); a
+        # group of N visits max(n_positions, N + 2), each member in its own independent order
+        # (fit_group_columns tells the members' columns apart by them)
+        joint = fit_coupling and planes == "xy"
+        scans = []
+        for members in groups:
+            n = len(members)
+            n_pos = n_positions if n == 1 else max(n_positions, (2 * n if joint else n) + 2)
+            orders = bba_scan_orders(n, n_pos, 2, joint=joint)
+            if planes != "xy":
+                orders[:, 1] = orders[:, 0]
+            scans.append(np.linspace(-span_m, span_m, n_pos)[orders])
         k0 = np.asarray((yield from call_async(quadrupoles.strengths)), float)
         base = {
             "x": np.asarray((yield from call_async(hcorr.strengths)), float),
@@ -574,15 +589,15 @@ def bba(
             """The group's quadrupole strengths (1/m^2) at the modulation ``sign``."""
             return np.array([k0[q_index[k]] + sign * signs[k] * dks[k] for k in members])
 
-        def bump_values(members: Sequence[int], p: str, amplitude: float) -> np.ndarray:
-            """The family ``p``'s strengths (rad) with the group's bumps at ``amplitude``."""
+        def bump_values(g: int, p: str, i: int) -> np.ndarray:
+            """The family ``p``'s strengths (rad) with group ``g``'s bumps at position ``i``."""
             values = base[p].copy()
-            for k in members:
+            for m, k in enumerate(groups[g]):
                 cols, kicks = settings[k][p]
-                np.add.at(values, cols, amplitude * kicks)
+                np.add.at(values, cols, scans[g][m, "xy".index(p), i] * kicks)
             return values
 
-        for members in groups:
+        for g, members in enumerate(groups):
             qs = [q_index[k] for k in members]
             if len(set(qs)) != len(qs):
                 raise ValueError(f"bba: a group modulates a quadrupole twice ({members})")
@@ -591,8 +606,8 @@ def bba(
                 values[qs] = quad_values(members, sign)
                 quadrupoles.check_strengths(values)
             for p in planes:
-                for a in (scan[p].min(), scan[p].max()):
-                    families[p].check_strengths(bump_values(members, p, float(a)))
+                for i in range(scans[g].shape[2]):
+                    families[p].check_strengths(bump_values(g, p, i))
         step = Record(
             "step",
             {
@@ -623,11 +638,11 @@ def bba(
             var = arr.var(axis=0, ddof=1) if n_samples > 1 else np.full((2, nb), np.nan)
             return mean, var
 
-        def set_bump(members: Sequence[int], i: int) -> MsgGenerator[float]:
-            """The bumps of a group at scan position ``i``; the time they read back."""
+        def set_bump(g: int, i: int) -> MsgGenerator[float]:
+            """The bumps of group ``g`` at scan position ``i``; the time they read back."""
             settled = 0.0
             for p in planes:
-                values = bump_values(members, p, float(scan[p][i]))
+                values = bump_values(g, p, i)
                 _, t = yield from set_and_settle(families[p], values, hardware=False)
                 settled = max(settled, t)
             return settled
@@ -651,14 +666,15 @@ def bba(
             nonlocal n_steps
             members = groups[g]
             qs = [q_index[k] for k in members]
-            orbits = np.full((n_positions, 2, 2, nb), np.nan)  # position, sign, plane, bpm
+            n_pos = scans[g].shape[2]
+            orbits = np.full((n_pos, 2, 2, nb), np.nan)  # position, sign, plane, bpm
             variances = np.full_like(orbits, np.nan)
-            for i in range(n_positions):
+            for i in range(n_pos):
                 for j, sign in enumerate((1.0, -1.0)):
                     # one step: absolute setpoints (the previous group's bumps go in the same
                     # puts, its quadrupoles back first), then fresh frames
                     yield from bps.checkpoint()
-                    t_bump = yield from set_bump(members, i)
+                    t_bump = yield from set_bump(g, i)
                     if i == 0 and j == 0:
                         if g > 0:  # the previous group's quadrupoles
                             yield from unset_quads(
@@ -677,8 +693,8 @@ def bba(
                             group=g,
                             position=i,
                             sign=int(sign),
-                            amplitude_x=float(scan["x"][i]),
-                            amplitude_y=float(scan["y"][i]),
+                            amplitude_x=float(scans[g][0, 0, i]),
+                            amplitude_y=float(scans[g][0, 1, i]),
                             strength=float(k0[qs[0]] + sign * signs[members[0]] * dks[members[0]]),
                         )
                     )
@@ -688,40 +704,60 @@ def bba(
             if n_samples > 1:  # pooled variance of one frame per BPM, all readings
                 noise = np.sqrt(np.nanmean(variances, axis=(0, 1)) / n_samples)  # (2, nb)
             diff = orbits[:, 0] - orbits[:, 1]  # (npos, 2, nb)
-            kicks = std_kicks = np.zeros((n_positions, 0))
-            if parallel:  # each member's kicks, from the model's columns of the group
-                columns = grouping.columns[:, list(members), :].reshape(2 * nb, -1)
-                sigma = None if noise is None else np.sqrt(2) * noise.ravel()
-                kicks = np.empty((n_positions, columns.shape[1]))
-                std_kicks = np.empty_like(kicks)
-                for i in range(n_positions):
-                    theta, cov = fit_group_kicks(columns, diff[i].ravel(), sigma)
-                    kicks[i], std_kicks[i] = theta, np.sqrt(np.diag(cov))
+            rows = [bpm_names.index(chosen[k]) for k in members]
+            readings = 0.5 * (orbits[:, 0][..., rows] + orbits[:, 1][..., rows])  # (npos, 2, nm)
+            grouped = len(members) > 1
+            # a group: per plane the members' columns from the data (no optics model), their
+            # centres, and each difference orbit split into the members' beam offsets (m)
+            found: dict[str, GroupCentres] = {}
+            if grouped and joint:  # every row on both planes' readings: coupling fitted
+                both = fit_group_centres(
+                    np.concatenate([readings[:, 0], readings[:, 1]], axis=1),
+                    np.concatenate([diff[:, 0], diff[:, 1]], axis=1),
+                    None if noise is None else np.sqrt(2) * noise.ravel(),
+                    None if noise is None else noise[:, rows].ravel() / np.sqrt(2),
+                )
+                n = len(members)
+                found = {"x": _members(both, slice(0, n)), "y": _members(both, slice(n, 2 * n))}
+            elif grouped:
+                for p in planes:
+                    r = "xy".index(p)
+                    found[p] = fit_group_centres(
+                        readings[:, r],
+                        diff[:, r],
+                        None if noise is None else np.sqrt(2) * noise[r],
+                        None if noise is None else noise[r, rows] / np.sqrt(2),
+                    )
             for m, k in enumerate(members):
-                b = bpm_names.index(chosen[k])
-                readings = 0.5 * (orbits[:, 0, :, b] + orbits[:, 1, :, b])  # (npos, 2)
+                b = rows[m]
                 new: dict[str, BbaFit] = {}
                 for p in planes:
-                    r = 0 if p == "x" else 1
-                    if parallel:
-                        changes = kicks[:, [2 * m + r]]
-                        sigma_change = None if noise is None else std_kicks[:, [2 * m + r]]
+                    r = "xy".index(p)
+                    if grouped:
+                        changes = found[p].offsets_m[:, [m]]
+                        sigma_change = found[p].std_offsets_m[:, [m]]
                         direction = np.ones(1)
                     else:
                         changes = diff[:, r]
                         sigma_change = None if noise is None else noise[r] * np.sqrt(2)
                         direction = None
                     new[p] = fit_bba_center(
-                        readings[:, r],
+                        readings[:, r, m],
                         changes,
                         sigma_position_m=None if noise is None else noise[r, b] / np.sqrt(2),
                         sigma_change_m=sigma_change,
                         direction=direction,
                         min_slope_snr=min_slope_snr,
                         max_chi2_red=max_chi2_red,
-                        other_positions_m=readings[:, 1 - r] if planes == "xy" else None,
+                        other_positions_m=(
+                            readings[:, 1 - r, m] if planes == "xy" and not grouped else None
+                        ),
                     )
-                if planes == "xy":
+                    if grouped:
+                        new[p] = _group_member_fit(
+                            new[p], found[p], m, chosen[k], min_slope_snr, max_chi2_red
+                        )
+                if planes == "xy" and not grouped:
                     new["x"], new["y"] = combine_bba_planes(new["x"], new["y"])
                 for p, fit in new.items():
                     fits[p][k] = fit
@@ -731,9 +767,7 @@ def bba(
             for g in range(len(groups)):
                 yield from align(g)
             done = {p: [f for f in fits[p] if f is not None] for p in "xy"}
-            yield from record_result(
-                "bba", **_result(planes, knobs, dks, done, n_positions, grouping, n_steps)
-            )
+            yield from record_result("bba", **_result(planes, knobs, dks, done, grouping, n_steps))
 
         return cast(
             str,
@@ -743,19 +777,61 @@ def bba(
     return (yield from plan())
 
 
-def _decorrelated_order(n: int) -> np.ndarray:
-    """An order of ``n`` equally spaced amplitudes uncorrelated (or least) with the sorted one."""
-    t = np.arange(n) - 0.5 * (n - 1)
-    best, best_corr = np.arange(n), np.inf
-    for step in range(1, n):
-        if np.gcd(step, n) != 1:
-            continue
-        for offset in range(n):
-            order = (step * np.arange(n) + offset) % n
-            corr = abs(float(t @ t[order]))
-            if corr < best_corr - 1e-9:
-                best, best_corr = order, corr
-    return best
+def _members(group: GroupCentres, members: slice) -> GroupCentres:
+    """The ``members`` of a group fit (a plane's half of a fit of both planes)."""
+    columns = group.columns
+    return GroupCentres(
+        center_m=group.center_m[members],
+        std_center_m=group.std_center_m[members],
+        offsets_m=group.offsets_m[:, members],
+        std_offsets_m=group.std_offsets_m[:, members],
+        columns=replace(
+            columns,
+            columns=columns.columns[:, members],
+            std_columns=columns.std_columns[:, members],
+            significance=columns.significance[members],
+        ),
+    )
+
+
+def _group_member_fit(
+    fit: BbaFit,
+    group: GroupCentres,
+    m: int,
+    bpm: str,
+    min_slope_snr: float,
+    max_chi2_red: float,
+) -> BbaFit:
+    """A group member's fit: the centre and uncertainty of the group's fit, its checks.
+
+    ``fit`` is :func:`~accplans.physics.fit_bba_center` of the member's offsets against its
+    readings (their line, the checks on the scan's range); the centre and its uncertainty are
+    the group's (:func:`~accplans.physics.fit_group_centres`), the reduced chi-square that of
+    the group's regressions, and the member is rejected when its column does not stand above
+    the noise or the regressions' residuals exceed it.
+    """
+    columns = group.columns
+    z = float(columns.significance[m])
+    reason = fit.rejected
+    if not reason and not z >= min_slope_snr:
+        reason = (
+            f"too little signal: {bpm}'s column stands {z:.1f} sigma above the noise "
+            f"(< {min_slope_snr:g}): its quadrupole's modulation does not move the orbit "
+            "measurably, or the scan does not move the beam at it"
+        )
+    elif not reason and columns.chi2_red > max_chi2_red:
+        reason = (
+            f"poor linearity: the group's regressions have reduced chi-square "
+            f"{columns.chi2_red:.2f} > {max_chi2_red:g} (residuals exceed the noise: drift, "
+            "a lost reading, or a nonlinear scan)"
+        )
+    return replace(
+        fit,
+        center_m=float(group.center_m[m]),
+        std_center_m=float(group.std_center_m[m]),
+        chi2_red=columns.chi2_red,
+        rejected=reason,
+    )
 
 
 def _result(
@@ -763,12 +839,19 @@ def _result(
     knobs: Sequence[BbaKnob],
     dks: Sequence[float],
     fits: Mapping[str, Sequence[BbaFit]],
-    n_positions: int,
     grouping: BbaGrouping,
     n_steps: int,
 ) -> dict[str, Any]:
-    """The ``bba`` result's fields."""
+    """The ``bba`` result's fields (scans shorter than the longest padded with NaN)."""
     n = len(knobs)
+    n_positions = max(x.positions_m.size for f in fits.values() for x in f)
+
+    def padded(rows: Sequence[np.ndarray]) -> np.ndarray:
+        out = np.full((len(rows), n_positions), np.nan)
+        for i, row in enumerate(rows):
+            out[i, : row.size] = row
+        return out
+
     out: dict[str, Any] = {
         "planes": planes,
         "bpm_names": [k.bpm for k in knobs],
@@ -791,8 +874,8 @@ def _result(
             out[f"chi2_red_{p}"] = np.array([x.chi2_red for x in f])
             out[f"accepted_{p}"] = np.array([x.ok for x in f])
             out[f"rejected_{p}"] = [x.rejected for x in f]
-            out[f"positions_{p}"] = np.array([x.positions_m for x in f])
-            out[f"projections_{p}"] = np.array([x.projections_m for x in f])
+            out[f"positions_{p}"] = padded([x.positions_m for x in f])
+            out[f"projections_{p}"] = padded([x.projections_m for x in f])
         else:
             for key in ("center", "std_center", "slope", "chi2_red"):
                 out[f"{key}_{p}"] = np.full(n, np.nan)
@@ -818,14 +901,13 @@ def _result(
 
 
 def bba_knobs(result: Any, bpm: str) -> dict[str, dict[str, float]]:
-    """The scan knobs of ``bpm`` in a ``bba`` result: ``{plane: {corrector: kick per m}}``.
+    """The scan knob of ``bpm`` in a ``bba`` result: ``{plane: {corrector: kick per m}}``.
 
-    In parallel BBA every bump of a group moved together: the knob is the sum of the group's
-    bumps (they share no corrector), the scan knob that moved the beam through the quadrupole.
+    The bump that moved the beam through the BPM's quadrupole. In parallel BBA the other
+    bumps of its group moved at the same time, each in its own order; they are closed and
+    share no corrector with it, so they leave its quadrupole and BPM alone.
     """
     k = list(result["bpm_names"]).index(bpm)
-    group = np.asarray(result["group"])
-    same = set(np.flatnonzero(group == group[k]).tolist())
     out: dict[str, dict[str, float]] = {}
     for i, p, c, v in zip(
         result["knob_bpm"],
@@ -834,7 +916,6 @@ def bba_knobs(result: Any, bpm: str) -> dict[str, dict[str, float]]:
         result["knob_kicks"],
         strict=True,
     ):
-        if int(i) in same:
-            plane = out.setdefault(str(p), {})
-            plane[str(c)] = plane.get(str(c), 0.0) + float(v)
+        if int(i) == k:
+            out.setdefault(str(p), {})[str(c)] = float(v)
     return out

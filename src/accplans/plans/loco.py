@@ -56,7 +56,8 @@ register_result_kind(
             "A LOCO fit of a measured ORM (orm_uid): the fitted change of each gradient "
             "parameter from the model at the measurement's settings (quadrupoles and gradient "
             "dipoles), BPM gains (x, y) and rolls, corrector gains and rolls, chi2 per "
-            "iteration; the model's beta-beating at the BPMs (fitted model against the model "
+            "iteration; the bipolar kicks the model ORM was computed at (model_kick, NaN: the "
+            "linear ORM); the model's beta-beating at the BPMs (fitted model against the model "
             "at the reference settings); and the quadrupole currents that cancel the fitted "
             "errors (quadrupole_target), computed from the currents at the fit "
             "(quadrupole_start) toward the reference optics (quadrupole_reference)."
@@ -74,6 +75,7 @@ register_result_kind(
             "corrector_names": FieldSpec("", "(ncorr,)", "str"),
             "corrector_gain": FieldSpec("", "(ncorr,)"),
             "corrector_roll": FieldSpec("rad", "(ncorr,)"),
+            "model_kick": FieldSpec("rad", "(ncorr,)", optional=True),
             "chi2": FieldSpec("", "(niter,)"),
             "chi2_per_dof": FieldSpec("", "()"),
             "residual_rms": FieldSpec("m/rad", "()"),
@@ -114,10 +116,13 @@ def fit_optics_job(
             ``corrector_names``, ``valid``).
         sigma: standard error of every ORM element (m/rad); ``None``: the result's ``noise``
             where finite, else unit weights.
-        options: ``dipoles``, ``float32``, ``correction_svd_cut``, and keyword arguments of
+        options: ``dipoles``, ``float32``, ``correction_svd_cut``, ``nonlinear`` (``None``:
+            the bipolar model ORM when the result has its ``kicks``; ``True``: required;
+            ``False``: the linear ORM), and keyword arguments of
             :func:`accplans.physics.fit_loco`.
     """
     opts = dict(options)
+    nonlinear = opts.pop("nonlinear", None)
     dipoles = bool(opts.pop("dipoles", True))
     dtype = np.float32 if opts.pop("float32", False) else np.float64
     correction_cut = float(opts.pop("correction_svd_cut", 1e-3))
@@ -136,9 +141,10 @@ def fit_optics_job(
         good = np.isfinite(noise) & (noise > 0)
         if np.any(good):  # the measured noise; elements without one: the median
             weights = np.where(good, noise, np.median(noise[good]))
+    kick = _model_kick(orm, len(corr_names), nonlinear)
     params = gradient_parameters(model, per="magnet", dipoles=dipoles)
     lm = LocoModel.from_online(model, bpm_names, corr_names, params)
-    fit = run_loco(lm, matrix, sigma=weights, dtype=dtype, **opts)
+    fit = run_loco(lm, matrix, sigma=weights, dtype=dtype, kick=kick, **opts)
     ref_model = OnlineModel(description)
     ref_model.set_hardware({**dict(hardware), **dict(reference)})
     names = [str(q) for q in quadrupoles]
@@ -164,6 +170,7 @@ def fit_optics_job(
         "corrector_names": corr_names,
         "corrector_gain": fit.corrector_gain,
         "corrector_roll": fit.corrector_roll,
+        "model_kick": np.full(len(corr_names), np.nan) if kick is None else kick,
         "chi2": np.asarray(fit.chi2, float),
         "chi2_per_dof": float(fit.chi2_per_dof),
         "residual_rms": float(fit.residual_rms),
@@ -178,6 +185,20 @@ def fit_optics_job(
         "quadrupole_reference": np.array([float(reference[n]) for n in names]),
         "quadrupole_target": np.array([targets.get(n, float(hardware[n])) for n in names]),
     }
+
+
+def _model_kick(orm: Mapping[str, Any], ncorr: int, nonlinear: bool | None) -> np.ndarray | None:
+    """The kicks [rad] of the bipolar model ORM, from the ``orm`` result; ``None``: linear."""
+    if nonlinear is False:
+        return None
+    kicks = orm.get("kicks")
+    k = None if kicks is None else np.abs(np.asarray(kicks, float)).reshape(-1)
+    known = k is not None and k.shape == (ncorr,) and bool(np.all(np.isfinite(k) & (k > 0)))
+    if not known:
+        if nonlinear:
+            raise ValueError("loco_fit: nonlinear=True needs the ORM's kicks (one per column)")
+        return None
+    return k
 
 
 def _load(source: Any, kind: str, client: Any) -> MsgGenerator[Any]:
@@ -291,6 +312,7 @@ def loco_fit(
     max_iterations: int = 6,
     correction_svd_cut: float = 1e-3,
     float32: bool = False,
+    nonlinear: bool | None = None,
     md: dict | None = None,
 ) -> MsgGenerator[str]:
     """Fit the optics (LOCO) to a measured ORM, in the worker process; nothing moves.
@@ -329,6 +351,10 @@ def loco_fit(
         max_iterations: model evaluations allowed to the Levenberg-Marquardt fit.
         correction_svd_cut: SVD cut of the compensation of non-settable fitted errors.
         float32: hold the Jacobian in float32 (half the memory).
+        nonlinear: compare the measurement with the model ORM a bipolar measurement at the
+            ORM's kicks sees (closed orbits at +-kick in the model, so the orbit's cubic
+            non-linearity is not absorbed by the BPM gains); ``None`` (default): when the ORM
+            result has its ``kicks``; ``False``: the linear ORM.
         md: metadata added to the run's start document.
 
     Returns:
@@ -345,6 +371,7 @@ def loco_fit(
         max_iterations,
         correction_svd_cut,
         float32,
+        nonlinear,
     )
     plan_args = {
         "orm": orm if isinstance(orm, str) else "<result>",
@@ -372,6 +399,7 @@ def _fit_options(
     max_iterations: int,
     correction_svd_cut: float,
     float32: bool,
+    nonlinear: bool | None = None,
 ) -> dict[str, Any]:
     if not 0 <= svd_cut < 1 or not 0 <= correction_svd_cut < 1:
         raise ValueError("loco_fit: svd_cut and correction_svd_cut must be in [0, 1)")
@@ -385,6 +413,7 @@ def _fit_options(
         "max_iterations": int(max_iterations),
         "correction_svd_cut": float(correction_svd_cut),
         "float32": bool(float32),
+        "nonlinear": None if nonlinear is None else bool(nonlinear),
     }
 
 
@@ -535,6 +564,7 @@ def loco(
     bpm_select: Any = None,
     kick: float = 100e-6,
     bpm_noise: float | None = None,
+    n_frames: int = 1,
     repeats: int = 1,
     cycles: int = 3,
     tolerance: float = 1e-3,
@@ -545,6 +575,7 @@ def loco(
     regularization: float = 0.0,
     max_iterations: int = 6,
     float32: bool = False,
+    nonlinear: bool | None = None,
     settle: float = 0.0,
     timeout: float = 10.0,
     md: dict | None = None,
@@ -573,6 +604,8 @@ def loco(
         bpm_select: BPM rows kept.
         kick: the kick amplitude (rad).
         bpm_noise: standard deviation of one BPM reading (m), for the fit's weights.
+        n_frames: BPM frames averaged per step of each ORM measurement (the noise falls as
+            their square root; the measuring time grows by one model tick per frame).
         repeats: ORM measurements per cycle, averaged (the noise falls as their square
             root; each is its own ``measure_orm`` run).
         cycles: largest number of measure-fit-correct cycles (>= 1).
@@ -584,6 +617,8 @@ def loco(
         regularization: Tikhonov parameter of the gradient fit.
         max_iterations: model evaluations allowed to each fit.
         float32: hold the Jacobian in float32.
+        nonlinear: fit with the model ORM at the measurement's bipolar kicks (``None``:
+            on, the ORM results carry their kicks; :func:`loco_fit`).
         settle: extra wait after the readbacks settled before a frame counts (s).
         timeout: longest wait for one fresh frame (s).
         md: metadata added to every run's start document.
@@ -601,7 +636,14 @@ def loco(
     if not (np.isfinite(gain) and 0 < gain <= 1):
         raise ValueError(f"loco: gain must be in (0, 1], got {gain!r}")
     options = _fit_options(
-        dipoles, fit_corrector_roll, svd_cut, regularization, max_iterations, 1e-3, float32
+        dipoles,
+        fit_corrector_roll,
+        svd_cut,
+        regularization,
+        max_iterations,
+        1e-3,
+        float32,
+        nonlinear,
     )
     model_families = [quadrupoles, hcorr, vcorr, *others]
 
@@ -620,6 +662,7 @@ def loco(
                         settle=settle,
                         timeout=timeout,
                         bpm_noise=bpm_noise,
+                        n_frames=n_frames,
                         md={**(md or {}), "loco_cycle": cycle},
                     ),
                     "orm",

@@ -15,11 +15,18 @@ from typing import Any, cast
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
-from bluesky.utils import MsgGenerator
+from bluesky.utils import Msg, MsgGenerator
 
 from accplans.config import MachineDescription
-from accplans.data import FieldSpec, ResultSchema, record_result, register_result_kind, run_metadata
-from accplans.devices import Pinger, SettableFamily, TbtBuffers, call_async
+from accplans.data import (
+    FieldSpec,
+    ResultReadable,
+    ResultSchema,
+    record_result,
+    register_result_kind,
+    run_metadata,
+)
+from accplans.devices import Pinger, SettableFamily, TbtBuffers, TuneMonitor, call_async
 from accplans.model import OnlineModel
 from accplans.physics import (
     AdtsFit,
@@ -34,17 +41,23 @@ from accplans.physics import (
 from ._record import Record
 from ._safety import description_of, restore_on_exit, take_snapshot
 from ._worker import compute
+from .chromaticity import correct_chromaticity, measure_chromaticity
 from .tunes import (
     KnobSet,
     apply_knobs,
     as_families,
     check_knob_targets,
+    check_tune_monitor,
+    correct_tunes,
     current_strengths,
+    read_tunes,
     resolve_knobs,
 )
 
 __all__ = ["ADTS_TERMS", "correct_nonlinear", "measure_adts", "model_adts"]
 
+#: The distinct detuning coefficients (the cross term once).
+_DISTINCT = ("dqx_djx", "dqx_djy", "dqy_djy")
 #: Names of the detuning coefficients an objective can use, and their place in pyAT's layout
 #: ``[[dQx/dJx, dQy/dJx], [dQx/dJy, dQy/dJy]]`` (row: action, column: tune).
 ADTS_TERMS: dict[str, tuple[int, int]] = {
@@ -62,6 +75,8 @@ MAX_TUNE_SHIFT = 0.01
 _JACOBIAN_STEP = 1e-2
 #: The model's objective must drop below this fraction of its start, or nothing moves.
 _MIN_MODEL_CUT = 0.95
+#: Largest knob step of one Gauss-Newton step, relative to the knob's present strength.
+_MAX_STEP = 0.3
 #: Tune shift of the tracking amplitude of the model's detuning in ``solve_nonlinear``.
 _TRACK_SHIFT = 2e-5
 
@@ -106,7 +121,9 @@ register_result_kind(
             "A non-linear correction: the knobs and their steps, the objective terms, the "
             "model's detuning before and after (1/m), the model's predicted changes of "
             "chromaticity and tunes, and the measured detuning before and after with its "
-            "standard errors (NaN without verification)."
+            "standard errors (NaN without verification); with the trims, the measured tunes "
+            "and chromaticity at the start and the end and the uids of the sub-runs "
+            "(space-separated)."
         ),
         fields={
             "knobs": FieldSpec("", "(nknob,)", "str"),
@@ -124,6 +141,11 @@ register_result_kind(
             "std_measured_after": FieldSpec("1/m", "(2, 2)"),
             "measured_objective_before": FieldSpec("1/m", "()"),
             "measured_objective_after": FieldSpec("1/m", "()"),
+            "tunes_start": FieldSpec("", "(2,)", optional=True),
+            "tunes_end": FieldSpec("", "(2,)", optional=True),
+            "chromaticity_start": FieldSpec("", "(2,)", optional=True),
+            "chromaticity_end": FieldSpec("", "(2,)", optional=True),
+            "sub_runs": FieldSpec("", "()", "str"),
         },
     )
 )
@@ -227,27 +249,28 @@ def solve_nonlinear(
     regularization: float,
     hold_tunes: bool,
     max_step: float = 0.3,
+    hold: Sequence[str] = (),
+    hold_weight: float = 1.0,
 ) -> dict[str, Any]:
     """Knob steps that cut the model's detuning terms to ``ratio`` of their norm (a worker job).
 
     Gauss-Newton in the null space of the chromaticity response (rows / 0.1) and, with
     ``hold_tunes``, the tune response (rows / 1e-3) of the knobs; the detuning Jacobian by
-    one-sided differences of pyAT's tracked detuning. Each step is limited to ``max_step`` of
-    each knob's present strength and halved until the objective decreases (a trust region:
-    sextupoles change the detuning quadratically). Stops when the norm of the terms is below
-    ``ratio`` of its start, or when no step improves it.
+    one-sided differences of pyAT's tracked detuning. The ``hold`` terms join the least
+    squares with their starting values as target and weight ``hold_weight`` (they may move,
+    but every step pays for moving them). Each step is limited to ``max_step`` of each knob's
+    present strength and halved until the cost (objective and weighted held terms) decreases
+    (a trust region: sextupoles change the detuning quadratically). Stops when the norm of the
+    terms is below ``ratio`` of its start, or when no step improves the cost.
     """
     model = _model_at(description, hardware)
     knob_list = list(knobs)
-    q1_0 = _detuning(model.lattice, float(model.optics([0]).closed_orbit[0, 4]), 3e-5)
+    held = [t for t in hold if t not in terms]
     xi0, q0 = model.chromaticity(), model.tunes()
     coefficients = [_coefficients(description, k) for k in knob_list]
     names = sorted({n for c in coefficients for n in c})
     nominal = {n: model.nominal_strength(n) for n in names}
     total = np.zeros(len(knob_list))
-    obj0 = _objective(q1_0, terms)
-    goal = ratio * float(np.linalg.norm(obj0))
-    q1 = q1_0
     # a knob's scale: the largest present strength it moves, per knob unit
     scale = np.array(
         [
@@ -271,40 +294,54 @@ def solve_nonlinear(
 
     # tracking amplitude: a tune shift of ~2e-5 at the start (3e-5 m on EBS, mm on a ring
     # with weak sextupoles), so the Jacobian's differences stand above NAFF's precision
+    q1_start = _detuning(model.lattice, float(model.optics([0]).closed_orbit[0, 4]), 3e-5)
     beta0 = float(np.max(model.optics([0]).beta[0]))
     amplitude = float(
-        np.clip(np.sqrt(2 * beta0 * _TRACK_SHIFT / max(np.max(np.abs(q1_0)), 1e-9)), 3e-5, 3e-3)
+        np.clip(np.sqrt(2 * beta0 * _TRACK_SHIFT / max(np.max(np.abs(q1_start)), 1e-9)), 3e-5, 3e-3)
     )
 
     def detuning_now() -> np.ndarray:
         return _detuning(model.lattice, float(model.optics([0]).closed_orbit[0, 4]), amplitude)
 
+    all_terms = [*terms, *held]
     q1_0 = detuning_now()
     q1 = q1_0
     obj0 = _objective(q1_0, terms)
+    held0 = _objective(q1_0, held)
     goal = ratio * float(np.linalg.norm(obj0))
+    target = np.concatenate([np.zeros(len(terms)), held0])
+    weights = np.concatenate([np.ones(len(terms)), np.full(len(held), hold_weight)])
+
+    def cost(q: np.ndarray) -> float:
+        return float(np.linalg.norm(weights * (_objective(q, all_terms) - target)))
 
     for _ in range(iterations):
-        base = _objective(q1, terms)
-        if float(np.linalg.norm(base)) <= goal:
+        base = _objective(q1, all_terms)
+        if float(np.linalg.norm(base[: len(terms)])) <= goal:
             break
         rows = [model.chromaticity_response(knob_list) / 0.1]
         if hold_tunes:
             rows.append(model.tune_response(knob_list) / 1e-3)
-        jac = np.empty((len(terms), len(knob_list)))
+        jac = np.empty((len(all_terms), len(knob_list)))
         for j in range(len(knob_list)):
             h = _JACOBIAN_STEP * scale[j]
             trial = total.copy()
             trial[j] += h
             apply(trial)
-            jac[:, j] = (_objective(detuning_now(), terms) - base) / h
+            jac[:, j] = (_objective(detuning_now(), all_terms) - base) / h
         step = constrained_step(
-            jac, base, np.vstack(rows), regularization=regularization, knob_scale=scale
+            jac,
+            base,
+            np.vstack(rows),
+            target=target,
+            weights=weights,
+            regularization=regularization,
+            knob_scale=scale,
         )
         # trust region: at most max_step of each knob's scale, then halve until it improves
         size = float(np.max(np.abs(step.steps) / scale))
         alpha = min(1.0, max_step / size) if size > 0 else 0.0
-        now = float(np.linalg.norm(base))
+        now = cost(q1)
         improved = False
         for _ in range(6):
             trial = total + alpha * step.steps
@@ -313,7 +350,7 @@ def solve_nonlinear(
                 q_trial = detuning_now()
             except (ValueError, RuntimeError, ArithmeticError):  # unstable or no orbit
                 q_trial = None
-            if q_trial is not None and float(np.linalg.norm(_objective(q_trial, terms))) < now:
+            if q_trial is not None and cost(q_trial) < now:
                 total, q1, improved = trial, q_trial, True
                 break
             alpha /= 2
@@ -690,12 +727,62 @@ def _norm(q1: np.ndarray, terms: Sequence[str]) -> float:
     return float(np.linalg.norm(_objective(np.asarray(q1, dtype=float), terms)))
 
 
+def _caught_result(plan: MsgGenerator[str], kind: str) -> MsgGenerator[tuple[str, dict[str, Any]]]:
+    """Run a sub-plan; its uid and the fields of the last ``result_<kind>`` it recorded."""
+    caught: dict[str, Any] = {}
+
+    def watch(msg: Msg) -> Msg:
+        if msg.command == "read" and isinstance(msg.obj, ResultReadable) and msg.obj.kind == kind:
+            caught.clear()
+            caught.update(msg.obj.values)
+        return msg
+
+    uid = yield from bpp.msg_mutator(plan, watch)
+    return cast(str, uid), dict(caught)
+
+
+def _trim(
+    tune: TuneMonitor,
+    rf: SettableFamily,
+    quadrupoles: SettableFamily | Sequence[SettableFamily],
+    sextupoles: Sequence[SettableFamily],
+    tunes0: np.ndarray,
+    xi0: np.ndarray,
+    chromaticity_knobs: Sequence[str] | None,
+    round_: int,
+) -> MsgGenerator[tuple[list[str], np.ndarray]]:
+    """Tunes, chromaticity, tunes back to the starting values, each a sub-plan (own run).
+
+    Runs inside the open ``correct_nonlinear`` run under their own run keys. Returns the
+    sub-runs' uids and the chromaticity the last ``correct_chromaticity`` measured.
+    """
+    uids = []
+    xi1 = np.full(2, np.nan)
+    for k, what in enumerate(("tunes", "chromaticity", "tunes")):
+        key = f"trim_{round_}_{k}_{what}"
+        if what == "tunes":
+            sub = correct_tunes(tune, quadrupoles, target=np.mod(tunes0, 1.0).tolist())
+            uid = yield from bpp.set_run_key_wrapper(sub, key)
+        else:
+            sub = correct_chromaticity(
+                tune, rf, list(sextupoles), target=xi0.tolist(), knobs=chromaticity_knobs
+            )
+            uid, fields = yield from _caught_result(
+                bpp.set_run_key_wrapper(sub, key), "chromaticity"
+            )
+            xi1 = np.asarray(fields.get("chromaticity", np.full(2, np.nan)), dtype=float)
+        uids.append(cast(str, uid))
+    return uids, xi1
+
+
 def correct_nonlinear(
     bpms: TbtBuffers,
     pinger: Pinger,
     magnets: SettableFamily | Sequence[SettableFamily],
     *,
-    terms: Sequence[str] = ("dqx_djx", "dqx_djy", "dqy_djy"),
+    terms: Sequence[str] = ("dqx_djx",),
+    hold: Sequence[str] | None = None,
+    hold_weight: float = 1.0,
     ratio: float = 0.3,
     knobs: Sequence[str] | None = None,
     iterations: int = 3,
@@ -703,6 +790,10 @@ def correct_nonlinear(
     hold_tunes: bool = True,
     verify: bool = True,
     min_cut: float = 1.0,
+    tune: TuneMonitor | None = None,
+    rf: SettableFamily | None = None,
+    quadrupoles: SettableFamily | Sequence[SettableFamily] | None = None,
+    rounds: int = 1,
     kicks_x: Sequence[float] | None = None,
     kicks_y: Sequence[float] | None = None,
     kick_small: float = 5e-6,
@@ -713,41 +804,66 @@ def correct_nonlinear(
     timeout: float = 60.0,
     md: dict | None = None,
 ) -> MsgGenerator[str]:
-    """Cut the amplitude detuning with sextupole knobs, chromaticity (and tunes) held.
+    """Cut the amplitude detuning with sextupole knobs, chromaticity and tunes held.
 
     The objective is the norm of the chosen detuning ``terms`` (names of
-    :data:`ADTS_TERMS`; the default is the three distinct coefficients) of the online model at
-    the present setpoints (pyAT tracking, in the worker). Gauss-Newton steps of the knobs in
-    the null space of the model's chromaticity response (and tune response with
-    ``hold_tunes``) bring it to ``ratio`` of its start, at most ``iterations`` steps, all in
-    the model before anything moves: the chromaticity and tunes do not move to first order.
-    The knob change is checked against every magnet's limits, then applied in one step.
+    :data:`ADTS_TERMS`) of the online model at the present setpoints (pyAT tracking, in the
+    worker); the ``hold`` terms (default: the other distinct coefficients) are kept near their
+    starting values (a weighted penalty). Gauss-Newton steps of the knobs in the null space of
+    the model's chromaticity response (and tune response with ``hold_tunes``) bring the
+    objective to ``ratio`` of its start, at most ``iterations`` steps, all in the model before
+    anything moves. The knob change is checked against every magnet's limits, then applied in
+    one step.
+
+    The model knows neither the orbit in the sextupoles (whose feed-down moves the tunes) nor
+    the beta-beating (the true chromaticity response differs): with ``tune``, ``rf`` and
+    ``quadrupoles`` given, the plan measures the tunes and the chromaticity before the step
+    (:func:`~accplans.plans.measure_chromaticity`, a run of its own) and brings them back
+    after it with :func:`~accplans.plans.correct_tunes`, :func:`~accplans.plans.
+    correct_chromaticity` and :func:`~accplans.plans.correct_tunes` again (sub-plans, each a
+    run of its own, opened inside this plan's run). ``rounds`` > 1 repeats step and trims
+    while the measured objective is above ``ratio`` of its start (each round solved at the
+    setpoints then).
 
     With ``verify`` (default), the detuning is measured as :func:`measure_adts` does (same
-    kicks) before and after the step; the plan fails, restoring the magnets, if the measured
-    objective did not drop by at least ``min_cut`` (1: it must not grow).
+    kicks) before the first step and after the last trim; the plan fails, restoring the
+    magnets, if the measured objective did not drop by at least ``min_cut`` (1: it must not
+    grow).
 
-    A correction plan: it changes the sextupole knobs (and the pinger's kicks and buffer
-    length, always put back). It keeps the new setpoints on success and on a user stop after
-    the step; it restores every starting setpoint when it fails or is aborted.
+    A correction plan: it changes the sextupole knobs (and, with the trims, the quadrupole
+    knobs; the pinger's kicks, the buffer length and the RF frequency are always put back).
+    It keeps the new setpoints on success and on a user stop after a step; it restores every
+    starting setpoint (sextupoles and quadrupoles) when it fails or is aborted. With the trims
+    the sub-plans claim what they move; the sextupole step itself claims nothing then (the
+    claims may not overlap).
 
     Args:
         bpms: the TbT buffers of a BPM family.
         pinger: the pinger.
         magnets: the families the knobs act on (e.g. ``sextupoles``).
-        terms: detuning coefficients of the objective (:data:`ADTS_TERMS`).
+        terms: detuning coefficients of the objective (:data:`ADTS_TERMS`). On EBS with its
+            six sextupole families and the chromaticity held, ``dqx_djx`` alone can be cut to
+            zero with the others held; the norm of all three at most 1.6x (model).
+        hold: detuning coefficients kept near their start (default: those of ``dqx_djx``,
+            ``dqx_djy``, ``dqy_djy`` not in ``terms``; ``()``: none).
+        hold_weight: weight of the held terms against the objective's.
         ratio: model objective aimed at, relative to its start (0 < ratio < 1).
         knobs: knob names of the description, or sextupole names of ``magnets`` (one knob
             each, in SI strength); default every knob whose magnets are all sextupoles of
             ``magnets``. The constraints take 2 (4 with ``hold_tunes``, when the knobs move
             the tunes) directions: give more knobs than that.
-        iterations: largest number of model Gauss-Newton steps.
+        iterations: largest number of model Gauss-Newton steps per round.
         regularization: relative Tikhonov parameter of each step (on knobs scaled by their
             present strengths).
         hold_tunes: also hold the model's tunes (a constraint that uses up free directions
             only when the knobs move the tunes, through the orbit in the sextupoles).
         verify: measure the detuning before and after.
         min_cut: smallest measured ``before / after`` of the objective accepted.
+        tune: the tune monitor (with ``rf`` and ``quadrupoles``: trim tunes and chromaticity
+            back after each step).
+        rf: the RF device (the chromaticity measurements).
+        quadrupoles: the families of the tune knobs.
+        rounds: largest number of step-and-trim rounds (> 1 needs ``verify`` and the trims).
         kicks_x: as :func:`measure_adts`.
         kicks_y: as :func:`measure_adts`.
         kick_small: as :func:`measure_adts`.
@@ -761,7 +877,9 @@ def correct_nonlinear(
     Returns:
         The uid of the run: ``primary`` events per shot (``shot-stage``: ``before`` or
         ``after``), the results ``result_nonlinear`` (knob steps, model and measured
-        detuning before and after) and, with ``verify``, ``result_adts`` of the shots after.
+        detuning before and after, with the trims the tunes and chromaticity at the start and
+        the end and the uids of the sub-runs) and, with ``verify``, ``result_adts`` of the
+        shots after.
     """
     plan_name = "correct_nonlinear"
     description = _check_common(bpms, pinger, turns, n_kicks, max_tune_shift, kick_small, plan_name)
@@ -769,6 +887,15 @@ def correct_nonlinear(
     description = description_of(*families) if families else description
     if isinstance(terms, str) or not terms or any(t not in ADTS_TERMS for t in terms):
         raise ValueError(f"{plan_name}: terms must be names of {sorted(ADTS_TERMS)}, got {terms!r}")
+    held = (
+        [t for t in _DISTINCT if t not in terms]
+        if hold is None
+        else [t for t in hold if t not in terms]
+    )
+    if isinstance(hold, str) or any(t not in ADTS_TERMS for t in held):
+        raise ValueError(f"{plan_name}: hold must be names of {sorted(ADTS_TERMS)}, got {hold!r}")
+    if not np.isfinite(hold_weight) or hold_weight <= 0:
+        raise ValueError(f"{plan_name}: hold_weight must be > 0, got {hold_weight!r}")
     if not 0 < ratio < 1:
         raise ValueError(f"{plan_name}: ratio must be in (0, 1), got {ratio!r}")
     if not isinstance(iterations, int) or iterations < 1:
@@ -779,8 +906,24 @@ def correct_nonlinear(
         raise ValueError(f"{plan_name}: min_cut must be > 0, got {min_cut!r}")
     if action not in ACTIONS:
         raise ValueError(f"{plan_name}: action must be one of {ACTIONS}, got {action!r}")
+    trims = (tune, rf, quadrupoles)
+    if any(x is not None for x in trims) and any(x is None for x in trims):
+        raise ValueError(f"{plan_name}: give tune, rf and quadrupoles together (the trims)")
+    trimming = tune is not None and rf is not None and quadrupoles is not None
+    if tune is not None:
+        check_tune_monitor(tune, plan_name)
+    if not isinstance(rounds, int) or rounds < 1 or (rounds > 1 and not (verify and trimming)):
+        raise ValueError(
+            f"{plan_name}: rounds must be an integer >= 1, and > 1 only with verify and the "
+            f"trims; got {rounds!r}"
+        )
+    quads = as_families(quadrupoles) if quadrupoles is not None else []
     given = _given_kicks(kicks_x, kicks_y, plan_name)
     knob_set = _resolve(description, families, knobs, plan_name)
+    # the chromaticity trim: the description's knobs when the step's knobs are knobs
+    chroma_knobs = (
+        list(knob_set.names) if all(k in description.knobs for k in knob_set.names) else None
+    )
     names = list(bpms.bpm_names)
     term_list = list(terms)
     _md = run_metadata(
@@ -791,6 +934,8 @@ def correct_nonlinear(
             "pinger": pinger.name,
             "magnets": [f.name for f in families],
             "terms": term_list,
+            "hold": held,
+            "hold_weight": hold_weight,
             "ratio": ratio,
             "knobs": list(knob_set.names),
             "iterations": iterations,
@@ -798,6 +943,10 @@ def correct_nonlinear(
             "hold_tunes": hold_tunes,
             "verify": verify,
             "min_cut": min_cut,
+            "tune": None if tune is None else tune.name,
+            "rf": None if rf is None else rf.name,
+            "quadrupoles": [f.name for f in quads],
+            "rounds": rounds,
             "kick_small": kick_small,
             "n_kicks": n_kicks,
             "max_tune_shift": max_tune_shift,
@@ -810,30 +959,13 @@ def correct_nonlinear(
     )
     _md.update(md or {})
     record = _shot_record(bpms, turns)
+    moved = [*families, *quads]
 
-    def plan() -> MsgGenerator[str]:
-        snapshot = yield from take_snapshot(description, families)
-        hw = {n: v for values in snapshot.setpoints.values() for n, v in values.items()}
-        kick_max = yield from call_async(pinger.kick_max.get_value)
-        start = {}
-        for sig in (pinger.kick_x, pinger.kick_y, bpms.turns):
-            start[sig] = yield from call_async(sig.get_value)
-        reference = yield from compute(model_adts, description, hw, names)
-        kicks = _scan_kicks(
-            reference, given, max_tune_shift, n_kicks, kick_small, kick_max, plan_name
-        )
+    def solve(hw: dict[str, float]) -> MsgGenerator[dict[str, Any]]:
         solution = yield from compute(
-            solve_nonlinear,
-            description,
-            hw,
-            knob_set.names,
-            term_list,
-            ratio,
-            iterations,
-            regularization,
-            hold_tunes,
-        )
-        steps = np.asarray(solution["steps"], dtype=float)
+            solve_nonlinear, description, hw, knob_set.names, term_list, ratio, iterations,
+            regularization, hold_tunes, _MAX_STEP, held, hold_weight,
+        )  # fmt: skip
         if not solution["objective_after"] < _MIN_MODEL_CUT * solution["objective_before"]:
             raise ValueError(
                 f"{plan_name}: no step of the knobs {list(knob_set.names)} free of the "
@@ -841,6 +973,9 @@ def correct_nonlinear(
                 f"-> {solution['objective_after']:.4g} 1/m; knobs of one symmetry class act "
                 "alike: give knobs of different families); refused before any move"
             )
+        return solution
+
+    def targets_of(steps: np.ndarray) -> MsgGenerator[tuple[list[np.ndarray], list[np.ndarray]]]:
         now = yield from current_strengths(families)
         targets = knob_set.strengths(now, steps)
         check_knob_targets(
@@ -849,43 +984,99 @@ def correct_nonlinear(
             plan=plan_name,
             why=f"knob steps {np.round(steps, 4).tolist()} leave limits",
         )
+        return targets, now
+
+    def plan() -> MsgGenerator[str]:
+        snapshot = yield from take_snapshot(description, moved)
+        hw = {n: v for fam in families for n, v in snapshot.setpoints[fam.name].items()}
+        kick_max = yield from call_async(pinger.kick_max.get_value)
+        start = {}
+        for sig in (pinger.kick_x, pinger.kick_y, bpms.turns):
+            start[sig] = yield from call_async(sig.get_value)
+        reference = yield from compute(model_adts, description, hw, names)
+        kicks = _scan_kicks(
+            reference, given, max_tune_shift, n_kicks, kick_small, kick_max, plan_name
+        )
+        solution = yield from solve(hw)
+        targets, now = yield from targets_of(np.asarray(solution["steps"], dtype=float))
+        nan2 = np.full(2, np.nan)
+        state = {"tunes0": nan2, "xi0": nan2, "tunes1": nan2, "xi1": nan2}
+        sub_uids: list[str] = []
+        if trimming:
+            assert tune is not None and rf is not None
+            avg = yield from read_tunes(tune)
+            state["tunes0"] = avg.tunes
+            uid, fields = yield from _caught_result(measure_chromaticity(tune, rf), "chromaticity")
+            sub_uids.append(uid)
+            state["xi0"] = np.asarray(fields["chromaticity"], dtype=float)
 
         @bpp.run_decorator(md=_md)
         def run() -> MsgGenerator[None]:
+            nonlocal solution, targets, now
             yield from bps.mv(bpms.turns, turns)
             nan = np.full((2, 2), np.nan)
             measured = {"before": (nan, nan), "after": (nan, nan)}
             after_fields: dict[str, Any] | None = None
+            total = np.zeros(len(knob_set.names))
+            model_before = np.asarray(solution["before"], dtype=float)
+            model_obj_before = float(solution["objective_before"])
+            xi_change = np.zeros(2)
+            q_change = np.zeros(2)
             if verify:
                 xs, ys = yield from _fire(bpms, pinger, kicks, turns, timeout, record, "before")
                 a = yield from compute(analyze_adts, xs, ys, kicks, reference, action, 1)
                 measured["before"] = (a[0].detuning, a[0].std)
-            yield from bps.checkpoint()
-            yield from apply_knobs(families, targets, now)
-            if verify:
-                xs, ys = yield from _fire(bpms, pinger, kicks, turns, timeout, record, "after")
-                a = yield from compute(analyze_adts, xs, ys, kicks, reference, action, 1)
-                measured["after"] = (a[0].detuning, a[0].std)
-                after_fields = _adts_fields(a, kicks, reference, action, turns)
             before_obj = _norm(measured["before"][0], term_list)
+            for r in range(rounds):
+                if r > 0:
+                    snap = yield from take_snapshot(description, families)
+                    hw_now = {n: v for v in snap.setpoints.values() for n, v in v.items()}
+                    solution = yield from solve(hw_now)
+                    targets, now = yield from targets_of(np.asarray(solution["steps"], float))
+                yield from bps.checkpoint()
+                yield from apply_knobs(families, targets, now)
+                total = total + np.asarray(solution["steps"], dtype=float)
+                xi_change = xi_change + np.asarray(solution["chromaticity_change"], float)
+                q_change = q_change + np.asarray(solution["tune_change"], float)
+                if trimming:
+                    assert tune is not None and rf is not None and quadrupoles is not None
+                    uids, state["xi1"] = yield from _trim(
+                        tune, rf, quadrupoles, families, state["tunes0"], state["xi0"],
+                        chroma_knobs, r,
+                    )  # fmt: skip
+                    sub_uids.extend(uids)
+                    avg = yield from read_tunes(tune)
+                    state["tunes1"] = avg.tunes
+                if verify:
+                    xs, ys = yield from _fire(bpms, pinger, kicks, turns, timeout, record, "after")
+                    a = yield from compute(analyze_adts, xs, ys, kicks, reference, action, 1)
+                    measured["after"] = (a[0].detuning, a[0].std)
+                    after_fields = _adts_fields(a, kicks, reference, action, turns)
+                    if _norm(a[0].detuning, term_list) <= ratio * before_obj:
+                        break
             after_obj = _norm(measured["after"][0], term_list)
             yield from record_result(
                 "nonlinear",
                 knobs=list(knob_set.names),
-                knob_steps=steps,
+                knob_steps=total,
                 terms=term_list,
-                model_before=np.asarray(solution["before"], dtype=float),
+                model_before=model_before,
                 model_after=np.asarray(solution["after"], dtype=float),
-                model_objective_before=float(solution["objective_before"]),
+                model_objective_before=model_obj_before,
                 model_objective_after=float(solution["objective_after"]),
-                chromaticity_change=np.asarray(solution["chromaticity_change"], dtype=float),
-                tune_change=np.asarray(solution["tune_change"], dtype=float),
+                chromaticity_change=xi_change,
+                tune_change=q_change,
                 measured_before=measured["before"][0],
                 measured_after=measured["after"][0],
                 std_measured_before=measured["before"][1],
                 std_measured_after=measured["after"][1],
                 measured_objective_before=before_obj,
                 measured_objective_after=after_obj,
+                tunes_start=state["tunes0"],
+                tunes_end=state["tunes1"],
+                chromaticity_start=state["xi0"],
+                chromaticity_end=state["xi1"],
+                sub_runs=" ".join(sub_uids),
             )
             if after_fields is not None:
                 yield from record_result("adts", **after_fields)
@@ -901,7 +1092,16 @@ def correct_nonlinear(
 
         body = bpp.finalize_wrapper(run(), pinger_back())
         return cast(
-            str, (yield from restore_on_exit(body, families, snapshot, policy="correction"))
+            str,
+            (
+                yield from restore_on_exit(
+                    body,
+                    moved,
+                    snapshot,
+                    policy="correction",
+                    claim_mode=None if trimming else "pause",
+                )
+            ),
         )
 
     return (yield from plan())

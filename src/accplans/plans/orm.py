@@ -43,13 +43,15 @@ def measure_orm(
     settle: float = 0.0,
     timeout: float = 10.0,
     bpm_noise: float | Sequence[float] | None = None,
+    n_frames: int = 1,
     md: dict | None = None,
 ) -> MsgGenerator[str]:
     """Measure the orbit response matrix with bipolar kicks of each selected corrector.
 
     Each selected corrector is set to its starting kick + ``kick``, then - ``kick``; after each
     setting has been read back, the plan waits for the first BPM frame taken after the magnets
-    settled (plus ``settle``) and records it. Columns use the kicks *read back*; an element is
+    settled (plus ``settle``) and the ``n_frames - 1`` frames after it, records each frame and
+    uses their mean. Columns use the kicks *read back*; an element is
     valid when its BPM was valid at both steps. With horizontal and vertical families, the
     matrix has all four blocks (rows: x of every BPM, then y; columns: selected correctors in
     family order). With ``rf``, the RF frequency is stepped by +-``rf_step`` for an RF column.
@@ -75,18 +77,26 @@ def measure_orm(
         timeout: longest wait for one fresh frame (s).
         bpm_noise: standard deviation of one BPM reading (m): a scalar, or one per selected
             BPM (e.g. ``std_x``/``std_y`` of a ``measure_orbit`` result, x then y); gives the
-            standard error of every matrix element (``noise``, m/rad; NaN without it).
+            standard error of every matrix element (``noise``, m/rad; NaN without it), divided
+            by ``sqrt(n_frames)``.
+        n_frames: fresh BPM frames averaged per step (>= 1; each a later frame than the
+            last): the noise falls as ``1 / sqrt(n_frames)``, the time per step grows by one
+            frame period per frame.
         md: metadata added to the run's start document.
 
     Returns:
         The uid of the run; its ``result_orm`` stream holds the matrix (m/rad), the RF column
-        (m/Hz, NaN without ``rf``), names, kicks and the valid mask (``load_result(uid, "orm")``).
+        (m/Hz, NaN without ``rf``), names, kicks, the valid mask and ``n_frames``
+        (``load_result(uid, "orm")``); ``primary`` has one event per frame.
     """
     families = [correctors] if isinstance(correctors, SettableFamily) else list(correctors)
     if not families:
         raise ValueError("measure_orm needs at least one corrector family")
     if not np.isfinite(kick) or kick <= 0:
         raise ValueError(f"kick must be a positive number of rad, got {kick!r}")
+    if int(n_frames) != n_frames or n_frames < 1:
+        raise ValueError(f"n_frames must be an integer >= 1, got {n_frames!r}")
+    n_frames = int(n_frames)
     description = description_of(bpms, *families, rf)
     all_names = [n for fam in families for n in fam.names]
     owner = [(f, m) for f, fam in enumerate(families) for m in range(len(fam.names))]
@@ -103,6 +113,7 @@ def measure_orm(
             if noise.size != 2 * len(rows):
                 raise ValueError(f"bpm_noise: {noise.size} values for {2 * len(rows)} rows")
             noise = noise[:, None]
+        noise = noise / np.sqrt(n_frames)
 
     _md = run_metadata(
         description,
@@ -118,6 +129,7 @@ def measure_orm(
             "rf_dp": rf_dp,
             "settle": settle,
             "bpm_noise": repr(bpm_noise),
+            "n_frames": n_frames,
         },
         units={
             "step-kick": "rad",
@@ -127,9 +139,10 @@ def measure_orm(
             "orbit-x": "m",
             "orbit-y": "m",
         },
-        num_points=2 * len(columns) + (2 if rf is not None else 0),
+        num_points=n_frames * (2 * len(columns) + (2 if rf is not None else 0)),
         corrector_names=col_names,
         bpm_names=bpm_names,
+        n_frames=n_frames,
     )
     _md.update(md or {})
 
@@ -184,25 +197,23 @@ def measure_orm(
                     values[m] = target
                     readbacks, settled = yield from set_and_settle(fam, values)
                     current[fam.name] = values
-                    frame = yield from read_orbit_frame(
-                        bpms, after=settled + settle, timeout=timeout
-                    )
                     kick_rb = float(spec.calibration.to_strength(readbacks[m]))
                     kick_rb -= float(spec.calibration.to_strength(start[fam.name][m]))
-                    orbit = np.concatenate([frame.x[rows], frame.y[rows]])
-                    valid = np.concatenate([frame.valid[rows], frame.valid[rows]])
-                    (plus if sign > 0 else minus)[:, c] = orbit
-                    (k_plus if sign > 0 else k_minus)[c] = kick_rb
-                    ok[:, c] &= valid
-                    yield from _record_step(
+                    orbit, valid = yield from _averaged_frames(
                         records,
                         c,
                         all_names[j],
-                        frame,
+                        bpms,
                         rows,
+                        settled + settle,
+                        n_frames,
+                        timeout,
                         kick=sign * kick,
                         kick_readback=kick_rb,
                     )
+                    (plus if sign > 0 else minus)[:, c] = orbit
+                    (k_plus if sign > 0 else k_minus)[c] = kick_rb
+                    ok[:, c] &= valid
                 # back to the start value (folded into the next corrector's put when possible)
                 current[fam.name][m] = start[fam.name][m]
                 nxt = columns[c + 1] if c + 1 < len(columns) else None
@@ -212,7 +223,7 @@ def measure_orm(
             if rf is not None:
                 assert step is not None  # chosen before the run opened
                 rf_column = yield from _rf_column(
-                    records, rf, start[rf.name], step, bpms, rows, settle, timeout
+                    records, rf, start[rf.name], step, bpms, rows, settle, timeout, n_frames
                 )
             matrix, sigma = orm_from_bipolar(plus, minus, k_plus, k_minus, noise_m=noise)
             yield from bps.create("result_orm")
@@ -227,6 +238,7 @@ def measure_orm(
                     kicks=(k_plus - k_minus) / 2,
                     valid=ok,
                     noise=np.full_like(matrix, np.nan) if sigma is None else sigma,
+                    n_frames=float(n_frames),
                 )
             )
             yield from bps.save()
@@ -246,6 +258,7 @@ def _step_record() -> Record:
         "step",
         {
             "column": 0,
+            "frame": 0,
             "corrector": "",
             "kick": 0.0,
             "kick_readback": 0.0,
@@ -262,16 +275,21 @@ def _record_step(
     name: str,
     frame: OrbitFrame,
     rows: np.ndarray,
+    frame_index: int = 0,
     **change: float,
 ) -> MsgGenerator[None]:
-    """Record a step: ``change`` gives ``kick``/``kick_readback`` (rad) or ``rf_step``..."""
+    """Record one frame of a step.
+
+    ``change`` gives ``kick``/``kick_readback`` (rad) or ``rf_step``/``rf_step_readback``
+    (Hz); ``frame_index`` is which frame of the step it is.
+    """
     step, orbit = records
     values: dict[str, float] = dict.fromkeys(
         ("kick", "kick_readback", "rf_step", "rf_step_readback"), 0.0
     )
     values.update(change)
     yield from bps.create("primary")
-    yield from bps.read(step.update(column=column, corrector=name, **values))
+    yield from bps.read(step.update(column=column, frame=frame_index, corrector=name, **values))
     yield from bps.read(
         orbit.update(
             x=frame.x[rows],
@@ -284,6 +302,36 @@ def _record_step(
     yield from bps.save()
 
 
+def _averaged_frames(
+    records: tuple[Record, Record],
+    column: int,
+    name: str,
+    bpms: OrbitSource,
+    rows: np.ndarray,
+    after: float,
+    n_frames: int,
+    timeout: float,
+    **change: float,
+) -> MsgGenerator[tuple[np.ndarray, np.ndarray]]:
+    """Record ``n_frames`` successive frames taken after ``after`` (epoch, s); their mean.
+
+    Returns:
+        ``(orbit, valid)``: the mean orbit, rows ``[x; y]`` (m), and where every frame was valid.
+    """
+    total = np.zeros(2 * len(rows))
+    valid = np.ones(2 * len(rows), dtype=bool)
+    last = None
+    for k in range(n_frames):
+        frame = yield from read_orbit_frame(bpms, after=after, timeout=timeout)
+        while last is not None and frame.counter <= last:  # a new time stamp, not a new frame
+            frame = yield from read_orbit_frame(bpms, after=frame.time + 2e-6, timeout=timeout)
+        after, last = frame.time + 2e-6, frame.counter  # the next one is a later frame
+        total += np.concatenate([frame.x[rows], frame.y[rows]])
+        valid &= np.concatenate([frame.valid[rows], frame.valid[rows]])
+        yield from _record_step(records, column, name, frame, rows, k, **change)
+    return total / n_frames, valid
+
+
 def _rf_column(
     records: tuple[Record, Record],
     rf: SettableFamily,
@@ -293,23 +341,26 @@ def _rf_column(
     rows: np.ndarray,
     settle: float,
     timeout: float,
+    n_frames: int = 1,
 ) -> MsgGenerator[np.ndarray]:
     """The RF column (m/Hz) from orbits at +-``step`` (Hz), over the frequencies read back."""
     orbits, frequencies = [], []
     for sign in (+1, -1):
         yield from bps.checkpoint()
         readback, settled = yield from set_and_settle(rf, f_start + sign * step)
-        frame = yield from read_orbit_frame(bpms, after=settled + settle, timeout=timeout)
-        orbits.append(np.concatenate([frame.x[rows], frame.y[rows]]))
-        frequencies.append(float(readback[0]))
-        yield from _record_step(
+        orbit, _ = yield from _averaged_frames(
             records,
             -1,
             rf.names[0],
-            frame,
+            bpms,
             rows,
+            settled + settle,
+            n_frames,
+            timeout,
             rf_step=sign * step,
             rf_step_readback=float(readback[0] - f_start[0]),
         )
+        orbits.append(orbit)
+        frequencies.append(float(readback[0]))
     yield from set_family_hardware(rf, f_start)
     return (orbits[0] - orbits[1]) / (frequencies[0] - frequencies[1])
