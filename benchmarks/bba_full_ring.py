@@ -73,7 +73,18 @@ def main() -> None:
     ap.add_argument(
         "--fit-coupling", type=int, choices=(0, 1), default=None, help="bba(fit_coupling=...)"
     )
+    ap.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="bba passes, each after correct_orbit to the previous pass's reference",
+    )
     ap.add_argument("--no-truth", action="store_true", help="skip bba_truth (slow)")
+    ap.add_argument(
+        "--dump",
+        default=None,
+        help="write per-BPM centres, errors and groups to DUMP-<seed>-<mode>.npz",
+    )
     ap.add_argument(
         "--correct-coupling",
         action="store_true",
@@ -120,68 +131,84 @@ def main() -> None:
                         )
                         print(f"seed {seed}: correct_coupling {cast(Any, cc).exit_status}")
                         engine(correct_orbit(m.bpms, [m.hcorr, m.vcorr], rf=m.rf))
-                    truth = twin.control.export_truth(f"{tmp}/{seed}-{mode}-0")
-                    t0 = time.perf_counter()
-                    kw = options if mode == "parallel" else serial_options
-                    res = engine(
-                        bba(
-                            m.bpms, m.quadrupoles, m.hcorr, m.vcorr, select=sel,
-                            parallel=mode == "parallel", **kw,
+                    seed_steps = 0.0
+                    for npass in range(1, a.passes + 1):
+                        truth = twin.control.export_truth(f"{tmp}/{seed}-{mode}-{npass}-0")
+                        t0 = time.perf_counter()
+                        kw = options if mode == "parallel" else serial_options
+                        res = engine(
+                            bba(
+                                m.bpms, m.quadrupoles, m.hcorr, m.vcorr, select=sel,
+                                parallel=mode == "parallel", **kw,
+                            )
+                        )  # fmt: skip
+                        wall = time.perf_counter() - t0
+                        (uid,) = cast(Any, res).run_start_uids
+                        writer.flush(timeout=120)
+                        r = load_result(client, uid, "bba")
+                        quads = list(r["quadrupole_names"])
+                        before = beam_in_quadrupoles(truth, d, quads)
+                        n_steps = int(r["n_steps"])
+                        seed_steps += n_steps / len(sel)
+                        acc = np.c_[r["accepted_x"], r["accepted_y"]]
+                        ngroups = len(set(np.asarray(r["group"]).tolist()))
+                        line = (
+                            f"seed {seed} {mode} pass {npass}: {len(sel)} BPMs, {wall:.0f} s, "
+                            f"{n_steps} steps "
+                            f"({n_steps / len(sel):.2f} per BPM, {ngroups} groups), accepted "
+                            f"{acc.sum(0)}"
                         )
-                    )  # fmt: skip
-                    wall = time.perf_counter() - t0
-                    (uid,) = cast(Any, res).run_start_uids
-                    writer.flush(timeout=120)
-                    r = load_result(client, uid, "bba")
-                    quads = list(r["quadrupole_names"])
-                    before = beam_in_quadrupoles(truth, d, quads)
-                    n_steps = int(r["n_steps"])
-                    steps[mode].append(n_steps / len(sel))
-                    acc = np.c_[r["accepted_x"], r["accepted_y"]]
-                    ngroups = len(set(np.asarray(r["group"]).tolist()))
-                    line = (
-                        f"seed {seed} {mode}: {len(sel)} BPMs, {wall:.0f} s, {n_steps} steps "
-                        f"({n_steps / len(sel):.2f} per BPM, {ngroups} groups), accepted "
-                        f"{acc.sum(0)}"
-                    )
-                    if not a.no_truth:
-                        err = np.array(
-                            [
-                                np.array([r["center_x"][k], r["center_y"][k]])
-                                - bba_truth(truth, d, n, quads[k], bba_knobs(r, n))
-                                for k, n in enumerate(r["bpm_names"])
-                            ]
+                        if not a.no_truth:
+                            err = np.array(
+                                [
+                                    np.array([r["center_x"][k], r["center_y"][k]])
+                                    - bba_truth(truth, d, n, quads[k], bba_knobs(r, n))
+                                    for k, n in enumerate(r["bpm_names"])
+                                ]
+                            )
+                            e = np.where(acc, err, np.nan)
+                            std = np.c_[r["std_center_x"], r["std_center_y"]]
+                            if a.dump:
+                                np.savez(
+                                    f"{a.dump}-{seed}-{mode}-{npass}.npz",
+                                    bpm_names=np.asarray(r["bpm_names"]),
+                                    center=np.c_[r["center_x"], r["center_y"]],
+                                    std=std,
+                                    error=err,
+                                    accepted=acc,
+                                    group=np.asarray(r["group"]),
+                                )
+                            line += (
+                                f"; error rms x {_rms(e[:, 0]) * 1e6:.2f} y "
+                                f"{_rms(e[:, 1]) * 1e6:.2f}"
+                                f" um, max x {np.nanmax(np.abs(e[:, 0])) * 1e6:.2f} y "
+                                f"{np.nanmax(np.abs(e[:, 1])) * 1e6:.2f} um; median std "
+                                f"{np.median(std, 0) * 1e6} um; |pull| max "
+                                f"{np.nanmax(np.abs(e / std)):.1f}, 95% "
+                                f"{np.nanquantile(np.abs(e / std), 0.95):.1f}"
+                            )
+                        print(line, flush=True)
+                        rejected = [
+                            (n, r["rejected_x"][k], r["rejected_y"][k])
+                            for k, n in enumerate(r["bpm_names"])
+                            if not acc[k].all()
+                        ]
+                        for item in rejected[:10]:
+                            print("  rejected", *item)
+                        engine(correct_orbit(m.bpms, [m.hcorr, m.vcorr], rf=m.rf, reference=r))
+                        truth2 = twin.control.export_truth(f"{tmp}/{seed}-{mode}-{npass}-1")
+                        after = beam_in_quadrupoles(truth2, d, quads)
+                        print(
+                            f"  beam - quadrupole centre, rms over the {len(quads)} quadrupoles: "
+                            f"at the pass's start (pass 1: orbit corrected to zero) x "
+                            f"{_rms(before[:, 0]) * 1e6:.1f} y "
+                            f"{_rms(before[:, 1]) * 1e6:.1f} um ({_rms(before) * 1e6:.1f} both); "
+                            f"after correction to the BBA reference x {_rms(after[:, 0]) * 1e6:.1f}"
+                            f" y {_rms(after[:, 1]) * 1e6:.1f} um ({_rms(after) * 1e6:.1f} both); "
+                            f"ratio {_rms(before) / _rms(after):.1f}",
+                            flush=True,
                         )
-                        e = np.where(acc, err, np.nan)
-                        std = np.c_[r["std_center_x"], r["std_center_y"]]
-                        line += (
-                            f"; error rms x {_rms(e[:, 0]) * 1e6:.2f} y {_rms(e[:, 1]) * 1e6:.2f}"
-                            f" um, max x {np.nanmax(np.abs(e[:, 0])) * 1e6:.2f} y "
-                            f"{np.nanmax(np.abs(e[:, 1])) * 1e6:.2f} um; median std "
-                            f"{np.median(std, 0) * 1e6} um; |pull| max "
-                            f"{np.nanmax(np.abs(e / std)):.1f}, 95% "
-                            f"{np.nanquantile(np.abs(e / std), 0.95):.1f}"
-                        )
-                    print(line, flush=True)
-                    rejected = [
-                        (n, r["rejected_x"][k], r["rejected_y"][k])
-                        for k, n in enumerate(r["bpm_names"])
-                        if not acc[k].all()
-                    ]
-                    for item in rejected[:10]:
-                        print("  rejected", *item)
-                    engine(correct_orbit(m.bpms, [m.hcorr, m.vcorr], rf=m.rf, reference=r))
-                    truth2 = twin.control.export_truth(f"{tmp}/{seed}-{mode}-1")
-                    after = beam_in_quadrupoles(truth2, d, quads)
-                    print(
-                        f"  beam - quadrupole centre, rms over the {len(quads)} quadrupoles: "
-                        f"after correction to zero x {_rms(before[:, 0]) * 1e6:.1f} y "
-                        f"{_rms(before[:, 1]) * 1e6:.1f} um ({_rms(before) * 1e6:.1f} both); "
-                        f"after correction to the BBA reference x {_rms(after[:, 0]) * 1e6:.1f}"
-                        f" y {_rms(after[:, 1]) * 1e6:.1f} um ({_rms(after) * 1e6:.1f} both); "
-                        f"ratio {_rms(before) / _rms(after):.1f}",
-                        flush=True,
-                    )
+                    steps[mode].append(seed_steps)
                     writer.close(timeout=120)
                     engine.loop.call_soon_threadsafe(engine.loop.stop)
         client.context.close()

@@ -9,7 +9,8 @@ one entry here: a factory that builds the plan on a connected small-ring
         families = [machine.hcorr, machine.vcorr]
         return correct_orbit(machine.bpms, families, ...), families
 
-The tests then run it under every fault and check that every setpoint comes back exactly,
+The tests then run it under every fault and check that every setpoint (correctors, RF,
+quadrupoles, sextupoles, skew windings: :func:`fault_setpoints`) comes back exactly,
 that the run in Tiled holds the events taken before the fault and says why it ended, and,
 when the machine cannot be reached, that a pending restore is journaled and applies.
 
@@ -50,13 +51,17 @@ from accplans.data import Result
 from accplans.devices import Machine, Pinger, SettableFamily, TbtBuffers
 from accplans.plans import (
     bba,
+    correct_c_minus,
     correct_chromaticity,
+    correct_coupling,
+    correct_nonlinear,
     correct_optics,
     correct_optics_tbt,
     correct_orbit,
     correct_rf_frequency,
     correct_tunes,
     load_optics,
+    measure_c_minus,
     measure_chromaticity,
     measure_coupling,
     measure_dispersion,
@@ -68,6 +73,7 @@ from accplans.plans import (
     take_snapshot,
 )
 from accplans.sim import TwinProcess
+from tests.plans.helpers import hardware_setpoints, machine_setpoints
 
 Built = tuple[MsgGenerator[Any], list[SettableFamily]]
 
@@ -78,7 +84,8 @@ class MachinePlan:
 
     Attributes:
         name: the plan's name (the test ids).
-        build: ``machine -> (plan, families it moves)``.
+        build: ``machine -> (plan, families it moves)``. It may set the machine up first
+            (a starting state the plan needs); the tests read the starting setpoints after it.
         fault_after_sets: the sets after which ``exception`` and ``abort`` strike (one test
             each), each > 1. The tests expect one primary event per completed step
             (STYLE.md's ``checkpoint -> set -> wait for fresh data -> read``), so ``n - 1``
@@ -476,16 +483,25 @@ class AfterEvents:
 
 
 def twin_setpoints(twin: TwinProcess, description: MachineDescription) -> dict[str, np.ndarray]:
-    """Corrector, RF, quadrupole and sextupole setpoints (A, Hz) as the twin serves them,
-    through its own control client (callable from any thread, the RunEngine's included)."""
+    """Corrector, RF, quadrupole, sextupole and skew setpoints (A, Hz) as the twin serves
+    them, through its own control client (callable from any thread, the RunEngine's
+    included); the keys of :func:`fault_setpoints`."""
     pvs = {
         "hcorr": description.families["hcorr"].pvs["setpoint"],
         "vcorr": description.families["vcorr"].pvs["setpoint"],
         "RF": description.device("RF").pvs["frequency_setpoint"],
         "quadrupoles": description.families["quadrupoles"].pvs["setpoint"],
         "sextupoles": description.families["sextupoles"].pvs["setpoint"],
+        "skew": description.families["skew"].pvs["setpoint"],
     }
     return {k: np.atleast_1d(np.asarray(twin.control.get(pv), float)) for k, pv in pvs.items()}
+
+
+def fault_setpoints(machine: Machine) -> dict[str, np.ndarray]:
+    """Setpoints (A, Hz) of every family a registered plan may move, read through the
+    devices: :func:`tests.plans.helpers.machine_setpoints` and the skew windings."""
+    assert machine.skew is not None, f"{machine.description.machine.name} has no skew family"
+    return {**machine_setpoints(machine), **hardware_setpoints([machine.skew])}
 
 
 #: The coupling plans' columns in the fault tests: sets 1-4 kick HCM002/HCM006 (+-), 5-8
@@ -506,4 +522,99 @@ def _measure_coupling(machine: Machine) -> Built:
         n_samples=1,
         timeout=5,
     )
+    return plan, families
+
+
+@register("correct_coupling", fault_after_sets=(3, 11), fault_after_events=11, reads_orbit=True)
+def _correct_coupling(machine: Machine) -> Built:
+    """One iteration: a measurement over COUPLING_SELECT (sets 1-10, one event each; the RF
+    frequency is put back without a checkpoint), the skew step (set 11, one event), the last
+    measurement (sets 12-21). A fault after set 3 strikes mid-measurement (a corrector
+    kicked), after set 11 or event 11 right after the skew step (only the skews moved)."""
+    assert machine.rf is not None and machine.skew is not None
+    families: list[SettableFamily] = [machine.skew, machine.hcorr, machine.vcorr, machine.rf]
+    plan = correct_coupling(
+        machine.bpms,
+        [machine.hcorr, machine.vcorr],
+        machine.rf,
+        machine.skew,
+        iterations=1,
+        select=COUPLING_SELECT,
+        n_samples=1,
+        timeout=5,
+    )
+    return plan, families
+
+
+#: correct_nonlinear's shots (rad) on the small ring, as tests/plans/test_nonlinear.py fires
+#: them: its detuning is tens of 1/m, so the tune shifts need kicks of hundreds of urad.
+NONLINEAR_KICKS_X = list(np.sqrt(np.linspace(0.2, 1.0, 5)) * 500e-6)
+NONLINEAR_KICKS_Y = list(np.sqrt(np.linspace(0.2, 1.0, 5)) * 600e-6)
+#: Relative change of the focusing sextupoles, alternately + and - along the ring, that
+#: correct_nonlinear's fault tests start from (the sum, hence the chromaticity, unchanged).
+SF_UNBALANCE = 0.5
+
+
+@register("correct_nonlinear", fault_after_sets=(11,), fault_after_events=11, reads_orbit=False)
+def _correct_nonlinear(machine: Machine) -> Built:
+    """Sets 1-10 fire the shots before (one event each: the pinger moves, no family), set 11
+    steps the sextupoles (no event), sets 12-21 fire the shots after.
+
+    The small ring is periodic: at the design sextupoles every focusing (defocusing)
+    sextupole moves the detuning alike, and no step free of the chromaticity cuts it (the
+    plan refuses: tests/plans/test_nonlinear.py). So the machine is set up first with its
+    focusing sextupoles unbalanced by +-SF_UNBALANCE (chromaticity unchanged, dQx/dJx up from
+    11 to 15 1/m in the model); with each sextupole a knob, one model step cuts dQx/dJx by
+    ~13 %. Beam loss: the plan reads turn-by-turn buffers, not orbit frames (empty buffers
+    raise ``BeamLost`` in ``fire_shot``); ``beam_lost``, written for orbit reads, is not run.
+    """
+    description = machine.description
+    sextupoles = machine.sextupoles
+    buffers = TbtBuffers.for_family(description.families_of_kind("bpm")[0], description)
+    pinger = Pinger.for_machine(description)
+    focusing = set(description.knobs["SF_strength"].coefficients)
+    present = hardware_setpoints([sextupoles])[sextupoles.name]
+    sign = 1.0
+    for i, name in enumerate(sextupoles.names):
+        if name in focusing:
+            present[i] *= 1 + sign * SF_UNBALANCE
+            sign = -sign
+
+    async def set_up() -> None:
+        await asyncio.gather(buffers.connect(timeout=10), pinger.connect(timeout=10))
+        await sextupoles.set_hardware(present)
+
+    call_in_bluesky_event_loop(set_up())
+    families: list[SettableFamily] = [sextupoles]
+    plan = correct_nonlinear(
+        buffers,
+        pinger,
+        sextupoles,
+        knobs=list(sextupoles.names),
+        iterations=1,
+        kicks_x=NONLINEAR_KICKS_X,
+        kicks_y=NONLINEAR_KICKS_Y,
+        kick_small=50e-6,
+        turns=256,
+    )
+    return plan, families
+
+
+@register("measure_c_minus", fault_after_sets=(2, 5), fault_after_events=2, reads_orbit=True)
+def _measure_c_minus(machine: Machine) -> Built:
+    """The first tune scan: sets 1-7 move the quadrupoles to its points, one event each; a
+    lost beam reads (0, 0) on the tune monitor (BeamLost)."""
+    assert machine.tune is not None
+    families: list[SettableFamily] = [machine.quadrupoles]
+    plan = measure_c_minus(machine.tune, machine.quadrupoles, n_samples=2, timeout=5)
+    return plan, families
+
+
+@register("correct_c_minus", fault_after_sets=(3,), fault_after_events=2, reads_orbit=True)
+def _correct_c_minus(machine: Machine) -> Built:
+    """The faults strike in the first tune scan (sets 1-7 move the quadrupoles, one event
+    each), before any skew moves; the restore covers skews and quadrupoles."""
+    assert machine.tune is not None and machine.skew is not None
+    families: list[SettableFamily] = [machine.skew, machine.quadrupoles]
+    plan = correct_c_minus(machine.tune, machine.quadrupoles, machine.skew, n_samples=2, timeout=5)
     return plan, families

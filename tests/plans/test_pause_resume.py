@@ -45,4 +45,7 @@ def test_measure_orm_paused_mid_step_and_resumed(
         np.testing.assert_array_equal(np.asarray(steps[key]), np.asarray(expected[key]))
     resumed = load_result(client, uid, "orm").data["matrix"]
     reference = load_result(client, reference_uid, "orm").data["matrix"]
-    np.testing.assert_allclose(resumed, reference, rtol=0, atol=1e-9 * np.max(np.abs(reference)))
+    # noise-free twin: the same matrix up to the closed-orbit solver's convergence, which
+    # depends on the orbit it starts from (2e-11 m of orbit, 2.5e-7 m/rad, seen under load);
+    # a replayed or skipped step would change a column by its whole size
+    np.testing.assert_allclose(resumed, reference, rtol=0, atol=1e-6 * np.max(np.abs(reference)))

@@ -48,6 +48,20 @@ def _descends_from(pid: int, ancestor: int) -> bool:
     return False
 
 
+def _wait_group_empty(pgid: int, timeout: float) -> list[str]:
+    """Wait for every process of group ``pgid`` to exit; the command lines of those left."""
+    deadline = time.monotonic() + timeout
+    while (members := _group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = []
+    for pid in members:
+        try:
+            left.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return left
+
+
 def _wait_exit(pid: int, timeout: float) -> bool:
     """Wait for any process (not only a child) to exit, through a pidfd; True if it did."""
     try:
@@ -99,7 +113,7 @@ def test_twin_from_a_lattice_file_stops_and_leaves_nothing_behind(twin_ports: Tw
         assert all(_descends_from(m, pid) for m in members), members
         raise RuntimeError("boom")
     assert _wait_exit(pid, 0)  # already reaped when the block exits
-    assert _group_members(pid) == []
+    assert _wait_group_empty(pid, 30) == []
 
 
 def test_twin_dies_with_its_parent(twin_ports: TwinPorts):
@@ -129,7 +143,8 @@ def test_twin_dies_with_its_parent(twin_ports: TwinPorts):
         # SIGTERM from prctl, then a graceful stop (up to 10 s) and EPICS exit: generous on a
         # loaded 2-core CI machine, where 20 s was once not enough
         assert _wait_exit(twin_pid, 60), "the twin outlived its parent"
-        assert _group_members(twin_pid) == []
+        # its workers (and multiprocessing's resource tracker) see it gone and exit too
+        assert _wait_group_empty(twin_pid, 30) == []
     finally:
         parent.kill()
         parent.wait(10)

@@ -10,6 +10,7 @@ so a plan can wait for a frame computed after its magnets settled
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import cast
 
 import numpy as np
@@ -37,7 +38,10 @@ from ._select import FamilyMembers
 __all__ = ["Bpm", "BpmFamily", "length_scale"]
 
 _SCALES = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "nm": 1e-9}
+#: A frame read straddled by a new frame is repeated: at least this many times, and for at least
+#: ``_READ_PERSIST_S`` (a client starved of CPU for a moment must not fail a long scan).
 _READ_ATTEMPTS = 5
+_READ_PERSIST_S = 3.0
 
 
 def length_scale(unit: str, where: str) -> float:
@@ -187,9 +191,12 @@ class BpmFamily(FamilyMembers[Bpm], StandardReadable):
         """The latest frame in SI (x, y in m), consistent: all arrays from one counter value.
 
         The counter is read before and after the arrays; if a new frame arrived in between,
-        the read is repeated.
+        the read is repeated (at least ``_READ_ATTEMPTS`` times and for ``_READ_PERSIST_S``).
         """
-        for _ in range(_READ_ATTEMPTS):
+        give_up = time.monotonic() + _READ_PERSIST_S
+        attempts = 0
+        while attempts < _READ_ATTEMPTS or time.monotonic() < give_up:
+            attempts += 1
             before = await self.counter.get_value()
             x, y, valid, t = await asyncio.gather(
                 self.x_hw.get_value(),
@@ -208,7 +215,7 @@ class BpmFamily(FamilyMembers[Bpm], StandardReadable):
                 )
         raise RuntimeError(
             f"{self.name}: frames arrive faster than they can be read "
-            f"({_READ_ATTEMPTS} reads each straddled a new frame)"
+            f"({attempts} reads in {_READ_PERSIST_S:g} s each straddled a new frame)"
         )
 
     async def wait_for_frame(

@@ -6,6 +6,12 @@ Never the twin's truth.
 """
 
 from ._bumps import BumpResponse, bump_point, bump_response, nearest_bump_correctors
+from ._c_minus import (
+    c_minus_response,
+    crossing_shift,
+    tune_split_direction,
+    uncoupled_distance,
+)
 from ._coupling import (
     CouplingResponse,
     coupling_response,
@@ -36,6 +42,10 @@ from ._response import plane_response_blocks
 from ._strengths import LatticeStrengths, strengths_from_lattice
 
 __all__ = [
+    "c_minus_response",
+    "crossing_shift",
+    "tune_split_direction",
+    "uncoupled_distance",
     "CouplingResponse",
     "coupling_response",
     "skew_element_response",

@@ -15,6 +15,14 @@ from ._bba import (
     group_bba_quadrupoles,
 )
 from ._bumps import BumpError, BumpSolution, bump_kicks, bump_span, nearest_correctors
+from ._c_minus import (
+    CMinusKnobFit,
+    CMinusKnobs,
+    c_minus_coefficients,
+    c_minus_knob_patterns,
+    fit_c_minus_knob,
+    uncoupled_tunes,
+)
 from ._correction import CorrectionResult, correction_matrix, micado, solve_correction
 from ._coupling import (
     ClosestApproach,
@@ -86,6 +94,12 @@ from ._tunes import (
 )
 
 __all__ = [
+    "CMinusKnobFit",
+    "CMinusKnobs",
+    "c_minus_coefficients",
+    "c_minus_knob_patterns",
+    "fit_c_minus_knob",
+    "uncoupled_tunes",
     "AdtsFit",
     "ConstrainedStep",
     "constrained_step",

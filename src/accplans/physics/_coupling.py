@@ -148,7 +148,8 @@ class TuneScanFit:
 
     Attributes:
         c_minus: ``|C-|`` (tune units).
-        std: its standard error from the fit's residuals (NaN with too few points).
+        std: its standard error from the fit's residuals (NaN with too few points); where
+            ``|C-|^2`` is below its own error, the square root of that error.
         crossing: the scan parameter where the uncoupled tunes cross.
         coefficients: ``(c0, c1, c2)`` of ``split^2 = c0 + c1 t + c2 t^2``.
     """
@@ -189,8 +190,10 @@ def fit_tune_scan(parameter: np.ndarray, tunes: np.ndarray) -> TuneScanFit:
         resid = split2 - a @ coef
         cov = np.linalg.pinv(a.T @ a) * float(resid @ resid) / (t.size - 3)
         g = np.array([1.0, -c1 / (2 * c2), c1**2 / (4 * c2**2)])
-        var = float(g @ cov @ g)
-        std = float(np.sqrt(max(var, 0.0)) / (2 * np.sqrt(max(cmin2, 1e-30))))
+        sigma2 = float(np.sqrt(max(float(g @ cov @ g), 0.0)))  # of |C-|^2
+        # of |C-| = sqrt(|C-|^2): propagated where |C-|^2 stands above its error, else the
+        # error's own square root (near zero the propagation diverges)
+        std = sigma2 / (2 * np.sqrt(cmin2)) if cmin2 > sigma2 else float(np.sqrt(sigma2))
     return TuneScanFit(
         c_minus=float(np.sqrt(max(cmin2, 0.0))),
         std=std,

@@ -16,6 +16,7 @@ from ._suspenders import BeamCurrentSuspender, beam_suspender_installed
 from ._worker import compute, shutdown_workers
 from .bba import bba, bba_knobs
 from .bumps import orbit_bump, remove_bump
+from .c_minus import correct_c_minus, measure_c_minus
 from .chromaticity import correct_chromaticity, measure_chromaticity
 from .coupling import correct_coupling, measure_coupling
 from .dispersion import measure_dispersion
@@ -89,6 +90,8 @@ __all__ = [
     "correct_chromaticity",
     "correct_coupling",
     "measure_coupling",
+    "correct_c_minus",
+    "measure_c_minus",
     "correct_tunes",
     "measure_chromaticity",
     "measure_tunes",

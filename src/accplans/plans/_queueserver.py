@@ -33,6 +33,7 @@ from accplans.devices import (
 
 from .bba import bba
 from .bumps import orbit_bump
+from .c_minus import correct_c_minus, measure_c_minus
 from .chromaticity import correct_chromaticity, measure_chromaticity
 from .coupling import correct_coupling, measure_coupling
 from .dispersion import measure_dispersion
@@ -82,6 +83,8 @@ PLANS: tuple[Callable[..., Any], ...] = (
     correct_nonlinear,
     measure_coupling,
     correct_coupling,
+    measure_c_minus,
+    correct_c_minus,
 )
 
 _LISTS = {OrbitSource: "OrbitSources", SettableFamily: "Families"}

@@ -21,6 +21,7 @@ from ._suspenders import beam_suspender_installed
 __all__ = [
     "BeamLost",
     "read_orbit_frame",
+    "read_orbit_frames",
     "set_and_settle",
     "set_family_hardware",
 ]
@@ -92,6 +93,27 @@ def read_orbit_frame(
             f"taken {time.ctime(frame.time)})"
         )
     return frame
+
+
+def read_orbit_frames(
+    bpms: OrbitSource, *, after: float, n: int, timeout: float = 10.0
+) -> MsgGenerator[list[OrbitFrame]]:
+    """``n`` successive orbit frames, the first taken at or after ``after`` (epoch, s).
+
+    Each later one is a newer frame than the one before (a higher counter, not only a newer
+    time stamp). Each frame is read as :func:`read_orbit_frame` reads one (``BeamLost``,
+    ``TimeoutError`` of ``timeout`` s per frame).
+    """
+    frames: list[OrbitFrame] = []
+    for _ in range(n):
+        frame = yield from read_orbit_frame(bpms, after=after, timeout=timeout)
+        while frames and frame.counter <= frames[-1].counter:
+            frame = yield from read_orbit_frame(
+                bpms, after=frame.time + 2 * _STAMP_RESOLUTION, timeout=timeout
+            )
+        frames.append(frame)
+        after = frame.time + 2 * _STAMP_RESOLUTION
+    return frames
 
 
 def checkpoint() -> MsgGenerator[Any]:

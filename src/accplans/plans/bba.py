@@ -50,7 +50,7 @@ from accplans.physics import (
 
 from ._record import Record
 from ._safety import description_of, restore_on_exit, take_snapshot
-from ._stubs import read_orbit_frame, set_and_settle
+from ._stubs import read_orbit_frames, set_and_settle
 from ._worker import compute
 
 __all__ = ["BbaGrouping", "BbaKnob", "bba", "bba_knobs", "design_bba", "design_bba_groups"]
@@ -627,13 +627,9 @@ def bba(
 
         def measure(after: float) -> MsgGenerator[tuple[np.ndarray, np.ndarray]]:
             """Mean orbit (2, nbpm) [m] of ``n_samples`` fresh frames, and their variance."""
-            samples, valid = [], np.ones(nb, bool)
-            for _ in range(n_samples):
-                frame = yield from read_orbit_frame(bpms, after=after, timeout=timeout)
-                samples.append(np.array([frame.x, frame.y], float))
-                valid &= np.asarray(frame.valid, bool)
-                after = frame.time + 2e-6
-            arr = np.array(samples)
+            frames = yield from read_orbit_frames(bpms, after=after, n=n_samples, timeout=timeout)
+            arr = np.array([[f.x, f.y] for f in frames], float)
+            valid = np.all([np.asarray(f.valid, bool) for f in frames], axis=0)
             mean = np.where(valid, arr.mean(axis=0), np.nan)
             var = arr.var(axis=0, ddof=1) if n_samples > 1 else np.full((2, nb), np.nan)
             return mean, var

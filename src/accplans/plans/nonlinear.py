@@ -42,6 +42,7 @@ from ._record import Record
 from ._safety import description_of, restore_on_exit, take_snapshot
 from ._worker import compute
 from .chromaticity import correct_chromaticity, measure_chromaticity
+from .tbt import fire_shot
 from .tunes import (
     KnobSet,
     apply_knobs,
@@ -444,13 +445,7 @@ def _fire(
     for i, (kx, ky) in enumerate(kicks):
         yield from bps.checkpoint()
         yield from bps.mv(pinger.kick_x, float(kx) * 1e6, pinger.kick_y, float(ky) * 1e6)
-        counter = yield from call_async(bpms.counter.get_value)
-        yield from bps.mv(pinger.fire, 1)
-        data = yield from call_async(bpms.wait_for_buffers, counter, timeout)
-        if data.x.shape != (n, turns):
-            raise RuntimeError(f"buffers of {data.x.shape[1]} turns, asked for {turns}")
-        if not np.any(data.x) and not np.any(data.y):
-            raise RuntimeError(f"no beam: the buffers of the shot at kicks {kx}, {ky} rad read 0")
+        data = yield from fire_shot(bpms, pinger, turns, timeout)
         xs[i], ys[i] = data.x, data.y
         yield from bps.create("primary")
         yield from bps.read(

@@ -18,7 +18,7 @@ from accplans.physics import orm_from_bipolar
 
 from ._record import Record
 from ._safety import check_hardware_limits, description_of, restore_on_exit, take_snapshot
-from ._stubs import read_orbit_frame, set_and_settle, set_family_hardware
+from ._stubs import read_orbit_frames, set_and_settle, set_family_hardware
 from ._worker import compute
 from .orbit import _orbit_record
 
@@ -318,18 +318,12 @@ def _averaged_frames(
     Returns:
         ``(orbit, valid)``: the mean orbit, rows ``[x; y]`` (m), and where every frame was valid.
     """
-    total = np.zeros(2 * len(rows))
-    valid = np.ones(2 * len(rows), dtype=bool)
-    last = None
-    for k in range(n_frames):
-        frame = yield from read_orbit_frame(bpms, after=after, timeout=timeout)
-        while last is not None and frame.counter <= last:  # a new time stamp, not a new frame
-            frame = yield from read_orbit_frame(bpms, after=frame.time + 2e-6, timeout=timeout)
-        after, last = frame.time + 2e-6, frame.counter  # the next one is a later frame
-        total += np.concatenate([frame.x[rows], frame.y[rows]])
-        valid &= np.concatenate([frame.valid[rows], frame.valid[rows]])
+    frames = yield from read_orbit_frames(bpms, after=after, n=n_frames, timeout=timeout)
+    for k, frame in enumerate(frames):
         yield from _record_step(records, column, name, frame, rows, k, **change)
-    return total / n_frames, valid
+    orbits = np.array([np.concatenate([f.x[rows], f.y[rows]]) for f in frames])
+    valid = np.all([np.concatenate([f.valid[rows], f.valid[rows]]) for f in frames], axis=0)
+    return orbits.mean(axis=0), valid
 
 
 def _rf_column(

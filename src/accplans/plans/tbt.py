@@ -8,6 +8,7 @@ import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
 import numpy as np
 from bluesky.utils import MsgGenerator
+from ophyd_async.core import wait_for_value
 
 from accplans.config import MachineDescription
 from accplans.data import FieldSpec, ResultSchema, record_result, register_result_kind, run_metadata
@@ -253,13 +254,16 @@ def fire_shot(
 ) -> MsgGenerator[TbtData]:
     """Fire the pinger once and return the buffers newer than the shot (a plan stub).
 
-    Put a checkpoint before it: the step is fire -> wait for the buffers' counter -> read.
+    Put a checkpoint before it: the step is (wait until the pinger is ready) -> fire -> wait
+    for the buffers' counter -> read.
 
     Raises:
         BeamLost: every buffer reads 0 (no beam).
-        TimeoutError: no new buffers within ``timeout`` s.
+        TimeoutError: the pinger still busy, or no new buffers, after ``timeout`` s.
         RuntimeError: the buffers do not hold ``turns`` turns of every BPM.
     """
+    # a pinger still acquiring the last shot refuses to fire (a real one also recharges)
+    yield from call_async(wait_for_value, pinger.busy, 0, timeout)
     counter = yield from call_async(bpms.counter.get_value)
     yield from bps.mv(pinger.fire, 1)
     data = yield from call_async(bpms.wait_for_buffers, counter, timeout)

@@ -8,7 +8,13 @@ package: plans talk to the twin over EPICS, as to a real machine.
 
 from ._bba_truth import bba_truth, beam_in_quadrupoles
 from ._cli import add_twin_commands, serve_main
-from ._emittance import EmittanceResult, EmittanceSettings, compute_emittances, true_c_minus
+from ._emittance import (
+    EmittanceResult,
+    EmittanceSettings,
+    compute_emittances,
+    scan_c_minus,
+    true_c_minus,
+)
 from ._errors import ErrorModel, TwinErrors, bpm_readings, draw_errors
 from ._ioc import IocSettings, TwinIoc
 from ._process import (
@@ -28,6 +34,7 @@ __all__ = [
     "EmittanceResult",
     "EmittanceSettings",
     "compute_emittances",
+    "scan_c_minus",
     "true_c_minus",
     "bba_truth",
     "beam_in_quadrupoles",

@@ -28,15 +28,19 @@ import asyncio
 import logging
 import pickle
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import at
 import numpy as np
+from scipy.optimize import minimize_scalar
 
-from accplans.config import emittance_pvs
+from accplans.config import MachineDescription, emittance_pvs
 from accplans.model import frequency_for_dct
-from accplans.physics import closest_tune_approach
+from accplans.physics import closest_tune_approach, eigen_tunes, wrap_tune
+
+from ._workers import stop_pool, worker_pool
 
 if TYPE_CHECKING:
     from ._twin import Twin
@@ -47,6 +51,7 @@ __all__ = [
     "EmittanceServer",
     "EmittanceSettings",
     "compute_emittances",
+    "scan_c_minus",
     "true_c_minus",
 ]
 
@@ -152,6 +157,48 @@ def true_c_minus(ring: at.Lattice, dct_m: float) -> float:
     return float(closest_tune_approach(np.asarray(m44, dtype=float)).c_minus)
 
 
+def scan_c_minus(
+    ring: at.Lattice,
+    dct_m: float,
+    description: MachineDescription,
+    per_unit: Mapping[str, float],
+    crossing: float,
+    half_width: float = 0.01,
+) -> float:
+    """``|C-|`` of a (true) lattice along a tune scan: the smallest eigen-tune distance.
+
+    The scan adds ``t * per_unit[device]`` (1/m^2) to the gradient of every element of each
+    device (the change a knob scan of ``measure_c_minus`` makes per unit of its parameter),
+    for ``t`` within ``crossing +- half_width``. This is the closest tune approach an
+    operator measures with the machine's tune knobs; :func:`true_c_minus` brings the tunes
+    together with a trombone at one point instead, which differs from it when the coupling
+    is distributed and the working point is far from the difference resonance.
+    """
+    elements = [
+        (int(e), float(d))
+        for name, d in per_unit.items()
+        for e in description.device(name).elements
+    ]
+    scanned = ring.deepcopy()
+    k0 = {e: float(scanned[e].PolynomB[1]) for e, _ in elements}
+
+    def split(t: float) -> float:
+        for e, d in elements:
+            scanned[e].PolynomB[1] = k0[e] + t * d
+        orbit, _ = at.find_orbit4(scanned, dct=dct_m)
+        m44, _ = at.find_m44(scanned, orbit=orbit)
+        q = eigen_tunes(np.asarray(m44, dtype=float))
+        return float(abs(wrap_tune(q[0] - q[1])))
+
+    found = minimize_scalar(
+        split,
+        bounds=(crossing - half_width, crossing + half_width),
+        method="bounded",
+        options={"xatol": 1e-8},
+    )
+    return float(found.fun)
+
+
 class EmittanceServer:
     """The emittance monitor's records and their updates in the twin's IOC (module docstring).
 
@@ -201,7 +248,7 @@ class EmittanceServer:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            stop_pool(self._pool)
             self._pool = None
 
     def on_tick(self, now: float, *, changed: bool, idle: bool) -> None:
@@ -240,11 +287,7 @@ class EmittanceServer:
 
     async def _compute(self, snapshot: float) -> None:
         if self._pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # spawn: never fork a process that runs EPICS server threads
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = worker_pool()
         if not self.twin.has_beam:
             self._result = EmittanceResult(np.zeros(2), np.zeros(2), snapshot)
             self._publish()

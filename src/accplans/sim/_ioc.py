@@ -46,7 +46,7 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,6 +65,7 @@ from accplans.config import (
 from ._emittance import EmittanceServer
 from ._tbt import track_shot
 from ._twin import Frame, Twin
+from ._workers import stop_pool, worker_pool
 
 __all__ = ["IocSettings", "TwinIoc"]
 
@@ -618,9 +619,10 @@ class TwinIoc:
     def _can_fire(self, _record: Any, value: int) -> bool:
         if int(value) != 1:
             return False
-        if self._shot is not None and not self._shot.done():
+        if self._pinger["busy"].get():
             _log.warning("pinger: a shot is still being tracked; FIRE refused")
             return False
+        self._pinger["busy"].set(1)  # at once: a second FIRE before the shot starts is refused
         return True
 
     async def _on_fire(self, _value: int) -> None:
@@ -636,11 +638,7 @@ class TwinIoc:
     async def _track(self, request: Any, shot_time: float) -> None:
         try:
             if self._pool is None:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor
-
-                # spawn: never fork a process that runs EPICS server threads
-                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = worker_pool()
             loop = asyncio.get_running_loop()
             result = await loop.run_in_executor(self._pool, track_shot, request)
             x, y = self.twin.tbt_readings(result)
@@ -651,9 +649,13 @@ class TwinIoc:
                 rec["y"].set((y[index] * 1e3).ravel())
                 rec["nturns"].set(turns)
                 rec["timestamp"].set(shot_time)
-                rec["counter"].set(self._tbt_counter)
             if result.lost_turn >= 0:
                 await self._next_tick()
+            # ready for the next shot before the counters say this one is done: a client that
+            # fires as soon as it sees the buffers is not refused
+            self._pinger["busy"].set(0)
+            for _, rec in self._tbt.values():
+                rec["counter"].set(self._tbt_counter)
         except Exception:  # never let a shot kill the IOC
             _log.exception("pinger shot failed")
         finally:
@@ -780,6 +782,7 @@ class TwinIoc:
         self._mirror_family_sp.update(self._families_of[ch])
         self._wake_mirrors()
         await self._await_versions(channels, versions, scalar=True)
+        self._flush_sp_mirrors([], self._families_of[ch])
 
     async def _on_family_put(self, fname: str, value: np.ndarray) -> None:
         fam = self._magnet_families[fname]
@@ -795,6 +798,7 @@ class TwinIoc:
             self._mirror_family_sp.discard(fname)
         self._wake_mirrors()
         await self._await_versions(fam.channels, versions, scalar=False)
+        self._flush_sp_mirrors(changed, (fname,))
 
     async def _next_tick(self) -> None:
         """Wait for a tick that starts after now (its snapshot includes every change so far)."""
@@ -905,7 +909,7 @@ class TwinIoc:
             self._shot.cancel()
             await asyncio.gather(self._shot, return_exceptions=True)
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            stop_pool(self._pool)
             self._pool = None
         await self.emittance.stop()
 
@@ -1054,6 +1058,23 @@ class TwinIoc:
         rec = self._sp_rec[ch]
         if rec is not None:
             rec.set(float(self.sp[ch]), process=False)
+
+    def _flush_sp_mirrors(self, channels: Iterable[int], families: Iterable[str]) -> None:
+        """Write the setpoint mirrors of a put that the mirror loop has not written yet.
+
+        When a put completes, every PV showing its setpoints shows them: a plan may read a
+        member's setpoint right after setting its family (e.g. for cross-talk).
+        """
+        for ch in channels:
+            if ch in self._mirror_sp:
+                self._mirror_sp.discard(ch)
+                self._write_sp(ch)
+        for fname in families:
+            if fname in self._mirror_family_sp:
+                self._mirror_family_sp.discard(fname)
+                fam = self._magnet_families[fname]
+                if fam.sp is not None:
+                    fam.sp.set(self.sp[fam.channels], process=False)
 
     def _wake_mirrors(self) -> None:
         if self._mirror_wake is not None:
