@@ -81,6 +81,11 @@ def main() -> None:
     )
     ap.add_argument("--no-truth", action="store_true", help="skip bba_truth (slow)")
     ap.add_argument(
+        "--compare-points",
+        action="store_true",
+        help="also correct the readings to the centres (reference_point='bpm') first",
+    )
+    ap.add_argument(
         "--dump",
         default=None,
         help="write per-BPM centres, errors and groups to DUMP-<seed>-<mode>.npz",
@@ -195,19 +200,34 @@ def main() -> None:
                         ]
                         for item in rejected[:10]:
                             print("  rejected", *item)
-                        engine(correct_orbit(m.bpms, [m.hcorr, m.vcorr], rf=m.rf, reference=r))
-                        truth2 = twin.control.export_truth(f"{tmp}/{seed}-{mode}-{npass}-1")
-                        after = beam_in_quadrupoles(truth2, d, quads)
                         print(
                             f"  beam - quadrupole centre, rms over the {len(quads)} quadrupoles: "
                             f"at the pass's start (pass 1: orbit corrected to zero) x "
                             f"{_rms(before[:, 0]) * 1e6:.1f} y "
-                            f"{_rms(before[:, 1]) * 1e6:.1f} um ({_rms(before) * 1e6:.1f} both); "
-                            f"after correction to the BBA reference x {_rms(after[:, 0]) * 1e6:.1f}"
-                            f" y {_rms(after[:, 1]) * 1e6:.1f} um ({_rms(after) * 1e6:.1f} both); "
-                            f"ratio {_rms(before) / _rms(after):.1f}",
+                            f"{_rms(before[:, 1]) * 1e6:.1f} um ({_rms(before) * 1e6:.1f} both)",
                             flush=True,
                         )
+                        # the readings to the centres, then (the default) the beam to the
+                        # quadrupoles' centres: the later passes start from the latter
+                        points = ["bpm", "quadrupole"] if a.compare_points else ["quadrupole"]
+                        for point in points:
+                            engine(
+                                correct_orbit(
+                                    m.bpms, [m.hcorr, m.vcorr], rf=m.rf, reference=r,
+                                    reference_point=point,
+                                )
+                            )  # fmt: skip
+                            truth2 = twin.control.export_truth(
+                                f"{tmp}/{seed}-{mode}-{npass}-{point}"
+                            )
+                            after = beam_in_quadrupoles(truth2, d, quads)
+                            print(
+                                f"  after correct_orbit(reference=bba, reference_point={point!r}) "
+                                f"x {_rms(after[:, 0]) * 1e6:.1f} y {_rms(after[:, 1]) * 1e6:.1f}"
+                                f" um ({_rms(after) * 1e6:.1f} both); ratio "
+                                f"{_rms(before) / _rms(after):.1f}",
+                                flush=True,
+                            )
                     steps[mode].append(seed_steps)
                     writer.close(timeout=120)
                     engine.loop.call_soon_threadsafe(engine.loop.stop)

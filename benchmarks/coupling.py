@@ -29,8 +29,18 @@ of the two corrections (``accplans.sim.scan_c_minus``: what a tune scan measures
 meaning of the closest tune approach; the trombone's figure differs from it when the coupling
 is distributed and the tunes are far apart, 0.13 on EBS).
 
+With ``--dispersion-correction``, a vertical dispersion correction follows ``correct_coupling``
+(before ``correct_c_minus``): ``measure_dispersion`` (its defaults), then ``correct_orbit`` with
+all correctors, the RF frequency and that dispersion (``dispersion_planes="y"``) for each weight
+of ``--orbit-dispersion-weight`` (default 0.05, the plan's), the correctors and the RF frequency
+set back to their setpoints before it (``save_setpoints`` / ``restore_setpoints``) between two
+weights; the last weight's correction is kept. Printed per weight: ``eps_y / eps_x`` and the rms
+vertical dispersion at the BPMs (true, and measured before), and the rms orbit. With
+``--coupling-after-dispersion`` as well, ``correct_coupling`` (the same options) runs again after
+the dispersion correction.
+
 Run: ``nice -n 10 .venv/bin/python benchmarks/coupling.py [--seeds 1 2 3] [--iterations 3]
-[--c-minus]``.
+[--c-minus] [--dispersion-correction [--orbit-dispersion-weight 0.05 0.2 0.5]]``.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ import os
 import tempfile
 import time
 from typing import Any
+
+import numpy as np
 
 from accplans.sim import ErrorModel, client_environment, reserve_ports, run_twin
 
@@ -54,7 +66,14 @@ from bluesky.run_engine import RunEngineResult, call_in_bluesky_event_loop  # no
 from accplans.config import load_description  # noqa: E402
 from accplans.data import BackgroundTiledWriter, LocalTiled, load_result  # noqa: E402
 from accplans.devices import EmittanceMonitor, connect_sync  # noqa: E402
-from accplans.plans import correct_c_minus, correct_coupling, correct_orbit  # noqa: E402
+from accplans.plans import (  # noqa: E402
+    correct_c_minus,
+    correct_coupling,
+    correct_orbit,
+    measure_dispersion,
+    restore_setpoints,
+    save_setpoints,
+)
 from accplans.sim import load_truth, scan_c_minus, true_c_minus  # noqa: E402
 
 ERRORS = dataclasses.replace(
@@ -73,6 +92,75 @@ def truth_figures(twin, tmp: str, tag: str) -> tuple[float, float]:
     return true_c_minus(truth.ring, truth.dct_m), float(eps[1] / eps[0])
 
 
+def true_dy_rms(twin: Any, tmp: str, tag: str) -> tuple[float, float]:
+    """``eps_y / eps_x`` and the rms vertical dispersion (m) at the BPMs of the true lattice."""
+    truth = twin.control.export_truth(os.path.join(tmp, tag))
+    _, beam, _ = at.ohmi_envelope(truth.ring.enable_6d(copy=True), refpts=[0])
+    eps = beam.mode_emittances
+    _, _, optics = at.get_optics(
+        truth.ring, refpts=truth.bpm_elements.astype(np.uint32), dct=truth.dct_m
+    )
+    dy = np.asarray(optics["dispersion"])[:, 2]
+    return float(eps[1] / eps[0]), float(np.sqrt(np.mean(dy**2)))
+
+
+def _ring_dct(tmp: str, tag: str) -> tuple[Any, float]:
+    truth = load_truth(os.path.join(tmp, tag))
+    return truth.ring, truth.dct_m
+
+
+def correct_dispersion(
+    engine: Any, writer: Any, client: Any, twin: Any, m: Any, tmp: str, seed: int, weights: list
+) -> tuple[float, float, str]:
+    """``measure_dispersion``, then ``correct_orbit`` on it for each weight (see the top).
+
+    Returns the true ``|C-|``, ``eps_y / eps_x`` and the truth's tag after the last weight.
+    """
+    r, dy = true_dy_rms(twin, tmp, f"dfs-start-{seed}")
+    print(
+        f"seed {seed} before the dispersion correction: eps_y/eps_x {r:.3e}, true Dy rms "
+        f"{dy * 1e3:.3f} mm",
+        flush=True,
+    )
+    families = [m.hcorr, m.vcorr, m.rf]
+    snap = engine(save_setpoints(*families, comment="before the dispersion correction"))
+    meas = engine(measure_dispersion(m.bpms, m.rf))
+    assert snap.exit_status == "success" and meas.exit_status == "success", (snap, meas)
+    writer.flush(timeout=120)
+    dispersion = load_result(client, meas.run_start_uids[0], "dispersion")
+    dy_meas = float(np.sqrt(np.mean(np.square(dispersion["dy"]))))
+    tag = f"dfs-{seed}-0"
+    for i, weight in enumerate(weights):
+        if i > 0:
+            back = engine(restore_setpoints(families, snap.run_start_uids[0], client=client))
+            assert back.exit_status == "success", back
+        oc = engine(
+            correct_orbit(
+                m.bpms,
+                [m.hcorr, m.vcorr],
+                rf=m.rf,
+                dispersion=dispersion,
+                dispersion_weight=weight,
+                dispersion_planes="y",
+            )
+        )
+        tag = f"dfs-{seed}-{i}"
+        r1, dy1 = true_dy_rms(twin, tmp, tag)
+        frame = call_in_bluesky_event_loop(m.bpms.wait_for_frame(after=0, timeout=30))
+        print(
+            f"seed {seed} dispersion correction (weight {weight}, {oc.exit_status}): "
+            f"eps_y/eps_x {r:.3e} -> {r1:.3e}; Dy rms measured before {dy_meas * 1e3:.3f} mm, "
+            f"true {dy * 1e3:.3f} -> {dy1 * 1e3:.3f} mm; orbit rms x "
+            f"{np.sqrt(np.mean(np.square(frame.x))) * 1e6:.2f} y "
+            f"{np.sqrt(np.mean(np.square(frame.y))) * 1e6:.2f} um",
+            flush=True,
+        )
+    last = load_truth(os.path.join(tmp, tag))
+    _, beam, _ = at.ohmi_envelope(last.ring.enable_6d(copy=True), refpts=[0])
+    eps = beam.mode_emittances
+    return true_c_minus(last.ring, last.dct_m), float(eps[1] / eps[0]), tag
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -85,6 +173,23 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="orbit frames per setting")
     parser.add_argument("--dispersion-weight", type=float, default=1000.0, help="Dy weight (1/rad)")
     parser.add_argument("--c-minus", action="store_true", help="then run correct_c_minus")
+    parser.add_argument(
+        "--dispersion-correction",
+        action="store_true",
+        help="after correct_coupling: measure_dispersion, then correct_orbit with it",
+    )
+    parser.add_argument(
+        "--orbit-dispersion-weight",
+        type=float,
+        nargs="+",
+        default=[0.05],
+        help="dispersion_weight of correct_orbit (several: each from the same start, last kept)",
+    )
+    parser.add_argument(
+        "--coupling-after-dispersion",
+        action="store_true",
+        help="with --dispersion-correction: run correct_coupling again after it",
+    )
     args = parser.parse_args()
     description = load_description("ebs")
     select = (
@@ -125,19 +230,18 @@ def main() -> None:
                 ):
                     if value is not None:
                         options[key] = value
-                result = engine(
-                    correct_coupling(
-                        m.bpms,
-                        [m.hcorr, m.vcorr],
-                        m.rf,
-                        m.skew,
-                        emittance=monitor,
-                        iterations=args.iterations,
-                        select=select,
-                        fit_rolls=not args.no_rolls,
-                        **options,
-                    )
+                coupling = correct_coupling(
+                    m.bpms,
+                    [m.hcorr, m.vcorr],
+                    m.rf,
+                    m.skew,
+                    emittance=monitor,
+                    iterations=args.iterations,
+                    select=select,
+                    fit_rolls=not args.no_rolls,
+                    **options,
                 )
+                result = engine(coupling)
                 assert isinstance(result, RunEngineResult)
                 c1, r1 = truth_figures(twin, tmp, f"after-{seed}")
                 writer.flush(timeout=120)
@@ -151,6 +255,40 @@ def main() -> None:
                     f"status {result.exit_status}",
                     flush=True,
                 )
+                before_c_minus = f"after-{seed}"  # the truth correct_c_minus starts from
+                previous = "correct_coupling"
+                if args.dispersion_correction:
+                    previous = "the dispersion correction"
+                    c1, r1, before_c_minus = correct_dispersion(
+                        engine, writer, client, twin, m, tmp, seed, args.orbit_dispersion_weight
+                    )
+                if args.dispersion_correction and args.coupling_after_dispersion:
+                    previous = "correct_coupling after the dispersion correction"
+                    again = engine(
+                        correct_coupling(
+                            m.bpms,
+                            [m.hcorr, m.vcorr],
+                            m.rf,
+                            m.skew,
+                            emittance=monitor,
+                            iterations=args.iterations,
+                            select=select,
+                            fit_rolls=not args.no_rolls,
+                            **options,
+                        )
+                    )
+                    assert isinstance(again, RunEngineResult)
+                    before_c_minus = f"coupling-again-{seed}"
+                    r_again, dy_again = true_dy_rms(twin, tmp, before_c_minus)
+                    c_again = true_c_minus(*_ring_dct(tmp, before_c_minus))
+                    print(
+                        f"seed {seed} correct_coupling after the dispersion correction "
+                        f"({again.exit_status}): |C-| {c1:.3e} -> {c_again:.3e}; eps_y/eps_x "
+                        f"{r1:.3e} -> {r_again:.3e} (reduction from after correct_orbit: "
+                        f"{r0 / r_again:.1f}); true Dy rms {dy_again * 1e3:.3f} mm",
+                        flush=True,
+                    )
+                    c1, r1 = c_again, r_again
                 if args.c_minus:
                     assert m.tune is not None
                     t0 = time.monotonic()
@@ -172,13 +310,13 @@ def main() -> None:
                             t.ring, t.dct_m, description, per_unit, float(found["crossing"])
                         )
                         for t in (
-                            load_truth(os.path.join(tmp, f"after-{seed}")),
+                            load_truth(os.path.join(tmp, before_c_minus)),
                             load_truth(os.path.join(tmp, f"c-minus-{seed}")),
                         )
                     ]
                     print(
                         f"seed {seed}: |C-| along the tune-knob scan (true lattice) after "
-                        f"correct_coupling {along[0]:.3e}, after correct_c_minus {along[1]:.3e} "
+                        f"{previous} {along[0]:.3e}, after correct_c_minus {along[1]:.3e} "
                         "(target <= 2e-4)",
                         flush=True,
                     )

@@ -156,3 +156,47 @@ def test_ebs_orm_agrees_with_brute_force(ebs_desc: MachineDescription) -> None:
     down = brute_force_orm(ring, bpms, elements, planes, dct=model.dct, kick=-1e-6)
     assert _rel(resp.matrix, 0.5 * (up + down)) < 1e-5
     assert _rel(resp.matrix, up) < 2e-3
+
+
+def test_quadrupole_orm_is_the_response_of_the_mean_orbit_in_each_quadrupole(
+    small_model: OnlineModel,
+) -> None:
+    """``quadrupole_orm``: the response of the mean of the closed orbit at each quadrupole's
+    entrance and exit, against two-sided finite differences of ``find_orbit4`` (a kick per
+    corrector) and of the RF frequency; the last quadrupole of the ring included (its exit is
+    the ring's end)."""
+    desc = small_model.description
+    quads = list(desc.family("quadrupoles").devices)
+    correctors = [desc.family("hcorr").devices[0], desc.family("vcorr").devices[1]]
+    matrix, rf_column = small_model.quadrupole_orm(quads, correctors)
+    ring = small_model.lattice
+    n = len(ring)
+    ends = [(min(desc.device(q).elements), max(desc.device(q).elements) + 1) for q in quads]
+    refs = np.array(sorted({e % n for pair in ends for e in pair}), dtype=np.int64)
+
+    def mean_orbit(dct: float) -> np.ndarray:
+        _, orbit = at.find_orbit4(ring, dct=dct, refpts=refs)
+        row = {int(e): k for k, e in enumerate(refs)}
+        mean = np.array([0.5 * (orbit[row[a % n]] + orbit[row[z % n]]) for a, z in ends])
+        return np.concatenate([mean[:, 0], mean[:, 2]])
+
+    kick = 1e-6
+    expected = np.zeros_like(matrix)
+    for j, name in enumerate(correctors):
+        (element,) = desc.device(name).elements
+        plane = 0 if desc.device(name).plane == "h" else 1
+        old = ring[element].KickAngle.copy()
+        try:
+            diffs = []
+            for sign in (1.0, -1.0):
+                ring[element].KickAngle = old + sign * kick * np.eye(2)[plane]
+                diffs.append(mean_orbit(small_model.dct))
+        finally:
+            ring[element].KickAngle = old
+        expected[:, j] = (diffs[0] - diffs[1]) / (2 * kick)
+    assert _rel(matrix, expected) < 1e-4
+    f0 = small_model.rf_frequency
+    df = 10.0
+    dcts = [dct_for_frequency(ring, f0 + sign * df) for sign in (1.0, -1.0)]
+    rf_expected = (mean_orbit(dcts[0]) - mean_orbit(dcts[1])) / (2 * df)
+    assert _rel(rf_column, rf_expected) < 1e-3

@@ -34,14 +34,7 @@ from accplans.model import OnlineModel, c_minus_response, model_c_minus
 from accplans.physics import c_minus_knob_patterns, fit_c_minus_knob
 from accplans.plans import correct_c_minus, measure_c_minus
 from accplans.sim import TwinProcess, scan_c_minus, true_c_minus
-from tests.plans.helpers import connect_to, run_plan, written_run
-
-INJECTED = {"SQ002": 3.0, "SQ005": -2.0}  # A (0.03 and -0.02 m^-2): |C-| ~ 1e-3
-
-
-def _inject(twin: TwinProcess, machine: Machine) -> None:
-    for name, value in INJECTED.items():
-        twin.control.put(machine.description.device(name).pvs["setpoint"], value)
+from tests.plans.helpers import connect_to, inject_skews, run_plan, written_run
 
 
 def _true_c_minus(twin: TwinProcess, tmp_path: Path, tag: str) -> float:
@@ -129,7 +122,7 @@ def test_measure_c_minus_is_the_true_closest_tune_approach(
     in three runs, the fit's std 0.8 %: the bound leaves room for the model-to-twin
     difference of the knob direction); the quadrupoles are back exactly."""
     assert machine.tune is not None and machine.skew is not None
-    _inject(fresh_small_twin, machine)
+    inject_skews(fresh_small_twin, machine)
     truth = _true_c_minus(fresh_small_twin, tmp_path, "truth")
     before = _setpoints(machine)
     result = run_plan(run_engine, measure_c_minus(machine.tune, machine.quadrupoles))
@@ -165,7 +158,7 @@ def test_correct_c_minus_reduces_the_true_c_minus(
     of it: see the module docstring); the skews stay within their limits; the quadrupoles
     are back exactly."""
     assert machine.tune is not None and machine.skew is not None
-    _inject(fresh_small_twin, machine)
+    inject_skews(fresh_small_twin, machine)
     c0 = _true_c_minus(fresh_small_twin, tmp_path, "before")
     before = _setpoints(machine)
     first = run_plan(run_engine, measure_c_minus(machine.tune, machine.quadrupoles))

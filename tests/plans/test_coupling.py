@@ -21,15 +21,9 @@ from accplans.data import BackgroundTiledWriter, load_result
 from accplans.devices import EmittanceMonitor, Machine
 from accplans.plans import correct_coupling, measure_coupling
 from accplans.sim import TwinProcess, true_c_minus
-from tests.plans.helpers import run_plan, written_run
+from tests.plans.helpers import INJECTED, inject_skews, run_plan, written_run
 
 SELECT = [f"HCM{k:03d}" for k in range(1, 25, 3)] + [f"VCM{k:03d}" for k in range(2, 25, 3)]
-INJECTED = {"SQ002": 3.0, "SQ005": -2.0}  # A (0.03 and -0.02 m^-2)
-
-
-def _inject(twin: TwinProcess, machine: Machine) -> None:
-    for name, value in INJECTED.items():
-        twin.control.put(machine.description.device(name).pvs["setpoint"], value)
 
 
 def _truth(twin: TwinProcess, tmp_path: Path, tag: str) -> tuple[float, float]:
@@ -54,7 +48,7 @@ def test_measure_coupling_finds_the_skews_and_c_minus(
     |C-| is the true lattice's within 50 % (25-46 % measured over CI runs); correctors and RF
     are restored."""
     assert machine.rf is not None and machine.skew is not None
-    _inject(fresh_small_twin, machine)
+    inject_skews(fresh_small_twin, machine)
     true_c, _ = _truth(fresh_small_twin, tmp_path, "truth")
     before = machine_hardware(machine)
     result = run_plan(
@@ -99,7 +93,7 @@ def test_correct_coupling_reduces_true_c_minus_and_emittance_ratio(
     2.2x (2.48x to 6.7x measured, with the noise of the measurement); the monitor's ratio
     agrees with the truth within its noise."""
     assert machine.rf is not None and machine.skew is not None
-    _inject(fresh_small_twin, machine)
+    inject_skews(fresh_small_twin, machine)
     c0, r0 = _truth(fresh_small_twin, tmp_path, "before")
     monitor = EmittanceMonitor.for_machine(machine.description)
     call_in_bluesky_event_loop(monitor.connect())  # in the RunEngine's loop, as the machine

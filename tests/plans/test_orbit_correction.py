@@ -297,3 +297,38 @@ def test_reference_orbit_from_an_array_or_a_bba_result() -> None:
     assert np.array_equal(got, expected, equal_nan=True)
     with pytest.raises(ValueError, match="kind 'bba'"):
         reference_orbit(Result(kind="orm", version=1, uid="u", data={}, metadata={}), names)
+
+
+def test_quadrupole_centring_takes_the_corrector_state_of_each_centre() -> None:
+    """A ``bba`` reference centres the beam in the quadrupoles: per BPM its quadrupole (None
+    without an accepted centre) and the knobs at the centre amplitudes over the correction's
+    correctors; a result without the corrector state (an older schema) or a knob on a
+    corrector the correction lacks is refused."""
+    from accplans.plans.orbit_correction import _centring
+
+    data = {
+        "bpm_names": ["B3", "B1"],
+        "quadrupole_names": ["Q3", "Q1"],
+        "accepted_x": np.array([True, False]),
+        "accepted_y": np.array([False, False]),
+        "center_amplitude_x": np.array([2e-5, np.nan]),
+        "center_amplitude_y": np.array([np.nan, np.nan]),
+        "knob_bpm": np.array([0, 0, 1]),
+        "knob_plane": ["x", "y", "x"],
+        "knob_correctors": ["H1", "V1", "H2"],
+        "knob_kicks": np.array([1e-2, 3e-2, 5e-2]),
+        "corrector_names": ["H1", "H2", "V1"],
+        "corrector_start": np.array([1e-6, 2e-6, 3e-6]),
+    }
+    res = Result(kind="bba", version=3, uid="u", data=data, metadata={})
+    got = _centring(res, ["B1", "B2", "B3"], ["V1", "H1", "H2", "H9"])
+    assert got.quadrupoles == [None, None, "Q3"]
+    expected = np.zeros((3, 4))
+    expected[2, 1] = 2e-5 * 1e-2  # the y knob at a NaN (unmeasured) amplitude does not move
+    assert np.array_equal(got.bumps, expected)
+    assert np.array_equal(got.start, [3e-6, 1e-6, 2e-6, np.nan], equal_nan=True)
+    with pytest.raises(ValueError, match="V1, which is not among"):
+        _centring(res, ["B3"], ["H1", "H2"])
+    old = {k: v for k, v in data.items() if k != "corrector_start"}
+    with pytest.raises(ValueError, match="reference_point='bpm'"):
+        _centring(Result(kind="bba", version=2, uid="u", data=old, metadata={}), ["B3"], ["H1"])

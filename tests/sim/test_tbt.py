@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import at
 import nafflib
@@ -12,7 +15,7 @@ import pytest
 
 from accplans.config import MachineDescription, load_description
 from accplans.devices import Pinger, TbtBuffers
-from accplans.sim import Twin, TwinProcess
+from accplans.sim import Twin, TwinIoc, TwinProcess
 from accplans.sim._tbt import TbtSettings, decoherence_envelope, track_shot
 
 
@@ -193,3 +196,85 @@ async def test_pinger_over_epics(fresh_small_twin: TwinProcess, small: MachineDe
     # the same shot (noise off) but BPM 3's gain
     np.testing.assert_allclose(data.x[3], 1.5 * good.x[3], rtol=1e-9)
     np.testing.assert_allclose(data.x[4], good.x[4], rtol=1e-9)
+
+
+class _Record:
+    """A stand-in for a pythonSoftIOC record: its value and the put hooks the IOC gave it."""
+
+    def __init__(
+        self,
+        initial_value: Any = 0,
+        validate: Callable[[Any, Any], bool] | None = None,
+        on_update: Callable[[Any], Awaitable[None]] | None = None,
+        **_fields: Any,
+    ) -> None:
+        self.value = initial_value
+        self.validate = validate
+        self.on_update = on_update
+
+    def get(self) -> Any:
+        return self.value
+
+    def set(self, value: Any) -> None:
+        self.value = value
+
+    async def put(self, value: Any) -> bool:
+        """A client's put as softioc runs it: ``validate`` may refuse it, then ``on_update``."""
+        if self.validate is not None and not self.validate(self, value):
+            return False
+        self.value = value
+        if self.on_update is not None:
+            await self.on_update(value)
+        return True
+
+
+class _Builder:
+    """``softioc.builder`` for :meth:`TwinIoc._tbt_records`: every record is a ``_Record``."""
+
+    def __getattr__(self, _kind: str) -> Callable[..., _Record]:
+        return lambda _name, **fields: _Record(**fields)
+
+
+async def test_a_shot_that_fails_to_start_leaves_the_pinger_ready(
+    small: MachineDescription, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FIRE whose tracking request fails: BUSY back to 0, the error raised, the next FIRE works.
+
+    The pinger's own records and hooks in-process (the over-EPICS twin runs in another
+    process, where the request cannot be made to fail); tracking in a thread, not a worker.
+    """
+    twin = Twin(small, seed=1, noise=False)
+    twin.compute()
+    ioc = TwinIoc(twin)
+    ioc._tbt_records(_Builder(), lambda pv, _where: pv)
+    fire, busy = ioc._pinger["fire"], ioc._pinger["busy"]
+    ioc._pinger["kick_x"].set(30.0)  # urad
+    for _, rec in ioc._tbt.values():
+        rec["turns"].set(16)
+
+    def refuse(*_args: Any) -> Any:
+        raise ValueError("no shot")
+
+    with monkeypatch.context() as m:
+        m.setattr(twin, "tbt_request", refuse)
+        with pytest.raises(ValueError, match="no shot"):
+            await fire.put(1)
+    assert busy.get() == 0
+
+    ioc._pool = ThreadPoolExecutor(1)
+    try:
+        assert await fire.put(1)  # not refused
+        assert busy.get() == 1
+        assert ioc._shot is not None
+        await ioc._shot
+    finally:
+        await ioc.stop()
+    assert busy.get() == 0
+    # noiseless: the buffers are the reading of the same shot tracked here
+    x, y = twin.tbt_readings(track_shot(twin.tbt_request(30e-6, 0.0, 16)))
+    assert np.ptp(x) > 1e-5  # m: the kick shows in the buffers
+    for index, rec in ioc._tbt.values():
+        assert rec["counter"].get() == 1
+        assert rec["nturns"].get() == 16
+        np.testing.assert_allclose(rec["x"].get(), (x[index] * 1e3).ravel(), rtol=1e-12)
+        np.testing.assert_allclose(rec["y"].get(), (y[index] * 1e3).ravel(), rtol=1e-12)

@@ -443,6 +443,44 @@ class OnlineModel:
             method=method,
         )
 
+    def quadrupole_orm(
+        self, quadrupoles: Sequence[str], correctors: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Response of the beam's position in quadrupoles to the correctors and the RF.
+
+        The position in a quadrupole is the mean of the closed orbit at its entrance and exit
+        (the first and past the last of its elements): zero relative to its magnetic centre
+        exactly when a change of its gradient does not kick the beam (the orbit inside is then
+        odd about its middle). The exact linear response, like :meth:`orm`.
+
+        Args:
+            quadrupoles: quadrupole device names (rows).
+            correctors: corrector names (columns); default all correctors.
+
+        Returns:
+            ``(matrix, rf_column)``: (2 * nq, ncorr) [m/rad], rows ``[x of all; y of all]``,
+            and (2 * nq,) [m/Hz].
+        """
+        corr = self._select(correctors, "corrector", self._corrector_names)
+        ends = []
+        for name in quadrupoles:
+            elements = self.description.device(name).elements
+            ends += [min(elements), max(elements) + 1]
+        n_ring = len(self.lattice)
+        refs = np.array([e % n_ring for e in ends], dtype=np.int64)
+        self._ensure_orbit()
+        m6, per_dct, _ = exact_response(self._solver, refs, [self._columns(n) for n in corr])
+        # a quadrupole ending the lattice exits at the entrance of element 0, a turn later:
+        # the closed orbit and its response are periodic
+        matrix = _rows(m6)
+        rf_col = _rows(per_dct) * self._ddct_df()
+        nq = len(quadrupoles)
+        mean = np.zeros((2 * nq, 2 * 2 * nq))
+        for p in range(2):
+            for q in range(nq):
+                mean[p * nq + q, p * 2 * nq + 2 * q : p * 2 * nq + 2 * q + 2] = 0.5
+        return mean @ matrix, mean @ rf_col
+
     def _orbit_rows(self, bpm_elems: np.ndarray) -> np.ndarray:
         orbit = self._ensure_orbit()
         rows = [self._bpm_row_of_element[e] for e in bpm_elems]

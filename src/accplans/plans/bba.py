@@ -58,14 +58,16 @@ __all__ = ["BbaGrouping", "BbaKnob", "bba", "bba_knobs", "design_bba", "design_b
 register_result_kind(
     ResultSchema(
         kind="bba",
-        version=2,
+        version=3,
         description=(
             "Quadrupole beam-based alignment: per BPM, its quadrupole, the gradient modulation, "
             "and per plane the BPM reading at which the modulation does not move the orbit "
             "(the quadrupole's centre as the BPM reads it), its uncertainty, the fit's slope "
-            "and quality, and why a fit was rejected; the scan knobs (bump kicks per metre); "
-            "the group each BPM's quadrupole was modulated in (parallel BBA: several at once) "
-            "and the plan's machine steps (set-wait-read steps)."
+            "and quality, and why a fit was rejected; the scan knobs (bump kicks per metre) and "
+            "the knob amplitude at the centre; the correctors' strengths the scans started "
+            "from (with the knobs, the corrector state each centre was found in); the group "
+            "each BPM's quadrupole was modulated in (parallel BBA: several at once) and the "
+            "plan's machine steps (set-wait-read steps)."
         ),
         fields={
             "planes": FieldSpec("", "()", "str", choices=("x", "y", "xy")),
@@ -93,6 +95,10 @@ register_result_kind(
             "knob_plane": FieldSpec("", "(nknob,)", "str", choices=("x", "y")),
             "knob_correctors": FieldSpec("", "(nknob,)", "str"),
             "knob_kicks": FieldSpec("rad/m", "(nknob,)"),
+            "center_amplitude_x": FieldSpec("m", "(nsel,)"),
+            "center_amplitude_y": FieldSpec("m", "(nsel,)"),
+            "corrector_names": FieldSpec("", "(ncorr,)", "str"),
+            "corrector_start": FieldSpec("rad", "(ncorr,)"),
             "group": FieldSpec("", "(nsel,)", "int"),
             "modulation_sign": FieldSpec("", "(nsel,)"),
             "inflation": FieldSpec("", "(nsel,)"),
@@ -656,6 +662,7 @@ def bba(
                 yield from call_async(quadrupoles.set_hardware, hw, list(qs))
 
         fits: dict[str, list[BbaFit | None]] = {"x": [None] * len(knobs), "y": [None] * len(knobs)}
+        centre_amplitude = np.full((len(knobs), 2), np.nan)  # m, the knob at each centre
         n_steps = 0
 
         def align(g: int) -> MsgGenerator[None]:
@@ -757,13 +764,24 @@ def bba(
                     new["x"], new["y"] = combine_bba_planes(new["x"], new["y"])
                 for p, fit in new.items():
                     fits[p][k] = fit
+                    r = "xy".index(p)
+                    centre_amplitude[k, r] = _amplitude_at(
+                        scans[g][m, r], readings[:, r, m], fit.center_m
+                    )
 
         @bpp.run_decorator(md=_md)
         def run() -> MsgGenerator[None]:
             for g in range(len(groups)):
                 yield from align(g)
             done = {p: [f for f in fits[p] if f is not None] for p in "xy"}
-            yield from record_result("bba", **_result(planes, knobs, dks, done, grouping, n_steps))
+            fields = _result(planes, knobs, dks, done, grouping, n_steps)
+            fields.update(
+                center_amplitude_x=centre_amplitude[:, 0],
+                center_amplitude_y=centre_amplitude[:, 1],
+                corrector_names=hnames + vnames,
+                corrector_start=np.concatenate([base["x"], base["y"]]),
+            )
+            yield from record_result("bba", **fields)
 
         return cast(
             str,
@@ -771,6 +789,19 @@ def bba(
         )
 
     return (yield from plan())
+
+
+def _amplitude_at(amplitudes: np.ndarray, readings: np.ndarray, centre: float) -> float:
+    """The scan knob's amplitude (m) at which the BPM reads ``centre`` (m), NaN if unknown.
+
+    The reading moves linearly with the knob (a closed bump at fixed optics): the line of
+    the amplitudes against the readings, at the centre.
+    """
+    ok = np.isfinite(readings)
+    if ok.sum() < 2 or not np.isfinite(centre) or np.ptp(readings[ok]) == 0:
+        return float("nan")
+    slope, intercept = np.polyfit(readings[ok], np.asarray(amplitudes, float)[ok], 1)
+    return float(intercept + slope * centre)
 
 
 def _members(group: GroupCentres, members: slice) -> GroupCentres:

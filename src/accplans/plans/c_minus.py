@@ -407,6 +407,58 @@ _UNITS = {
 }
 
 
+def _options_and_md(
+    plan_name: str,
+    description: MachineDescription,
+    tune: TuneMonitor,
+    families: list[SettableFamily],
+    knob_set: KnobSet,
+    md: dict | None,
+    *,
+    points: int,
+    span: float,
+    min_span: float,
+    passes: int,
+    max_shift: float,
+    n_samples: int,
+    timeout: float,
+    skew: SettableFamily | None = None,
+    iterations: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The scan options (for :func:`_prepare`) and the start metadata of both plans.
+
+    ``skew`` and ``iterations`` are the correction's: its ``plan_args`` hold them (after the
+    quadrupoles and the knobs respectively) and its metadata the skew names.
+    """
+    options: dict[str, Any] = {
+        "points": points,
+        "min_span": min_span,
+        "passes": passes,
+        "max_shift": max_shift,
+        "n_samples": n_samples,
+        "timeout": timeout,
+    }
+    plan_args: dict[str, Any] = {"tune": tune.name, "quadrupoles": [f.name for f in families]}
+    extra: dict[str, Any] = {}
+    if skew is not None:
+        plan_args["skew"] = skew.name
+        extra["skew_names"] = list(skew.names)
+    plan_args["knobs"] = list(knob_set.names)
+    if iterations is not None:
+        plan_args["iterations"] = iterations
+    plan_args.update(span=span, **options)
+    _md = run_metadata(
+        description,
+        plan_name=plan_name,
+        plan_args=plan_args,
+        units=_UNITS,
+        knob_units=list(knob_set.units),
+        **extra,
+    )
+    _md.update(md or {})
+    return options, _md
+
+
 # -- plans ----------------------------------------------------------------------------------
 def measure_c_minus(
     tune: TuneMonitor,
@@ -472,28 +524,21 @@ def measure_c_minus(
     families = as_families(quadrupoles)
     description = description_of(*families)
     knob_set = resolve_knobs(description, families, knobs, "quadrupole", plan=plan_name)
-    options = {
-        "points": points,
-        "min_span": min_span,
-        "passes": passes,
-        "max_shift": max_shift,
-        "n_samples": n_samples,
-        "timeout": timeout,
-    }
-    _md = run_metadata(
+    options, _md = _options_and_md(
+        plan_name,
         description,
-        plan_name=plan_name,
-        plan_args={
-            "tune": tune.name,
-            "quadrupoles": [f.name for f in families],
-            "knobs": list(knob_set.names),
-            "span": span,
-            **options,
-        },
-        units=_UNITS,
-        knob_units=list(knob_set.units),
+        tune,
+        families,
+        knob_set,
+        md,
+        points=points,
+        span=span,
+        min_span=min_span,
+        passes=passes,
+        max_shift=max_shift,
+        n_samples=n_samples,
+        timeout=timeout,
     )
-    _md.update(md or {})
     summary = Record("c_minus", {"c_minus": 0.0, "std": 0.0, "crossing": 0.0}, source=plan_name)
 
     def plan() -> MsgGenerator[str]:
@@ -603,31 +648,23 @@ def correct_c_minus(
         raise ValueError(f"{plan_name}: {skew.name} is not a family of skew windings")
     knob_set = resolve_knobs(description, families, knobs, "quadrupole", plan=plan_name)
     ns = len(skew.names)
-    options = {
-        "points": points,
-        "min_span": min_span,
-        "passes": passes,
-        "max_shift": max_shift,
-        "n_samples": n_samples,
-        "timeout": timeout,
-    }
-    _md = run_metadata(
+    options, _md = _options_and_md(
+        plan_name,
         description,
-        plan_name=plan_name,
-        plan_args={
-            "tune": tune.name,
-            "quadrupoles": [f.name for f in families],
-            "skew": skew.name,
-            "knobs": list(knob_set.names),
-            "iterations": iterations,
-            "span": span,
-            **options,
-        },
-        units=_UNITS,
-        knob_units=list(knob_set.units),
-        skew_names=list(skew.names),
+        tune,
+        families,
+        knob_set,
+        md,
+        points=points,
+        span=span,
+        min_span=min_span,
+        passes=passes,
+        max_shift=max_shift,
+        n_samples=n_samples,
+        timeout=timeout,
+        skew=skew,
+        iterations=iterations,
     )
-    _md.update(md or {})
     summary = Record(
         "c_minus",
         {

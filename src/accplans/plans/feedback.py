@@ -68,8 +68,11 @@ def orbit_feedback(
             frames), ``"zero"`` (steer to zero BPM readings), an array (m, x of every BPM
             then y, or (2, nbpm)), or a ``bba`` result (``load_result(client, uid, "bba")``:
             steer each BPM to its accepted centre, the reading with the beam through its
-            quadrupole's centre). In an array or a result, BPMs without a reference (NaN,
-            no accepted centre) hold their current reading.
+            quadrupole's centre moved there by the BPM's own scan knob: ``correct_orbit``'s
+            ``reference_point="bpm"``; to hold the beam through the quadrupoles' centres,
+            ``correct_orbit(reference=result)`` first and hold ``"current"``). In an array or
+            a result, BPMs without a reference (NaN, no accepted centre) hold their current
+            reading.
         n_samples: frames averaged for the current orbit (a ``"current"`` reference, or the
             BPMs an array or a result leaves out).
         timeout: longest wait for one fresh frame (s).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import bluesky.plan_stubs as bps
@@ -27,6 +28,7 @@ __all__ = [
     "dispersion_response",
     "model_response",
     "orbit_correction_step",
+    "quadrupole_centring_response",
     "reference_orbit",
 ]
 
@@ -94,6 +96,45 @@ def dispersion_response(
     return -f0 * alpha_c * (matrices[0] - matrices[1]) / (2 * step), dispersion
 
 
+def quadrupole_centring_response(
+    description: MachineDescription,
+    hardware: Mapping[str, float],
+    bpm_names: Sequence[str],
+    quadrupoles: Sequence[str | None],
+    corrector_names: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """How the correctors move each BPM's reading relative to the beam in its quadrupole.
+
+    A worker job: the online model's ORM at the BPMs minus the response of the beam's mean
+    position in each BPM's quadrupole (:meth:`~accplans.model.OnlineModel.quadrupole_orm`),
+    rows of BPMs without a quadrupole (``None``) zero.
+
+    Returns:
+        ``(matrix, rf_column)``: (2 * nbpm, ncorr) [m/rad], rows x then y, and (2 * nbpm,)
+        [m/Hz].
+    """
+    model = OnlineModel(description)
+    model.set_hardware(dict(hardware))
+    response = model.orm(list(bpm_names), list(corrector_names), rf=True)
+    assert response.rf_column is not None
+    matrix, rf_column = response.matrix.copy(), response.rf_column.copy()
+    rows = [i for i, q in enumerate(quadrupoles) if q is not None]
+    quads = [str(quadrupoles[i]) for i in rows]
+    nb = len(bpm_names)
+    keep = np.zeros(2 * nb, bool)
+    if rows:
+        q_matrix, q_rf = model.quadrupole_orm(quads, list(corrector_names))
+        nq = len(quads)
+        for p in range(2):
+            at = p * nb + np.asarray(rows)
+            matrix[at] -= q_matrix[p * nq : (p + 1) * nq]
+            rf_column[at] -= q_rf[p * nq : (p + 1) * nq]
+            keep[at] = True
+    matrix[~keep] = 0.0
+    rf_column[~keep] = 0.0
+    return matrix, rf_column
+
+
 def orbit_correction_step(
     response: np.ndarray,
     orbit: np.ndarray,
@@ -129,6 +170,7 @@ def correct_orbit(
     sum_of_kicks_weight: float | None = None,
     target: np.ndarray | None = None,
     reference: Result | np.ndarray | None = None,
+    reference_point: str = "quadrupole",
     dispersion: Result | None = None,
     dispersion_weight: float = 0.05,
     dispersion_planes: str = "y",
@@ -180,6 +222,18 @@ def correct_orbit(
             selected BPM's accepted centre (the reading with the beam through its
             quadrupole's centre), the BPMs it has no accepted centre for left out of the
             correction (in that plane). Exclusive with ``target``.
+        reference_point: with a ``bba`` reference, what is corrected: ``"quadrupole"``
+            (default) the beam's position in each BBA'd quadrupole, to its centre; ``"bpm"``
+            the readings, to the centres. A centre is the reading with the beam through the
+            quadrupole *moved there by the BPM's own scan knob*; another orbit through the
+            centre crosses the BPM (0.16-0.55 m away on EBS) with another slope, so
+            correcting all readings to their centres at once leaves the beam some 10-20 um
+            from the quadrupoles on EBS. ``"quadrupole"`` corrects each reading to its centre
+            plus the model's change of (reading - beam in the quadrupole) from the corrector
+            state the centre was found in (the BBA's start and the knob at the centre, stored
+            in the result) to the present one: only the small difference between the BPM and
+            its quadrupole is taken from the model. The RF frequency is taken as the BBA's at
+            the correction's start (a ``bba`` run does not move it).
         dispersion: a measured dispersion (``load_result(client, uid, "dispersion")`` of
             ``measure_dispersion``) naming the selected BPMs: the correction then also brings
             the dispersion to the model's (Dx of the model, Dy zero on an uncoupled model) in
@@ -223,6 +277,11 @@ def correct_orbit(
     if reference is not None and target is not None:
         raise ValueError("correct_orbit: give a target or a reference, not both")
     ref = None if reference is None else reference_orbit(reference, bpm_names)
+    if reference_point not in ("quadrupole", "bpm"):
+        raise ValueError(f"reference_point must be 'quadrupole' or 'bpm', got {reference_point!r}")
+    centring = None
+    if isinstance(reference, Result) and reference_point == "quadrupole":
+        centring = _centring(reference, bpm_names, all_names)
     measured_d = None if dispersion is None else _dispersion_rows(dispersion, bpm_names)
     if dispersion is not None and (not np.isfinite(dispersion_weight) or dispersion_weight <= 0):
         raise ValueError(f"dispersion_weight must be finite and > 0, got {dispersion_weight!r}")
@@ -260,6 +319,7 @@ def correct_orbit(
             "reference": None
             if reference is None
             else (reference.uid if isinstance(reference, Result) else "array"),
+            "reference_point": reference_point if isinstance(reference, Result) else None,
             "dispersion": None if dispersion is None else dispersion.uid,
             "dispersion_weight": dispersion_weight if dispersion is not None else None,
             "dispersion_planes": dispersion_planes if dispersion is not None else None,
@@ -312,9 +372,32 @@ def correct_orbit(
         valid = np.all(np.isfinite(matrix), axis=1)
         if ref is not None:
             valid &= np.isfinite(ref)
+        # with quadrupole centring: the goal moves with the correctors as (reading - beam in
+        # the quadrupole) does, so the correction solves with R - D against the present goal
+        d_all = d_rf = None
+        goal_base = np.zeros(matrix.shape[0])
+        if centring is not None:
+            d_all, d_rf = yield from compute(
+                quadrupole_centring_response,
+                description,
+                hardware,
+                bpm_names,
+                centring.quadrupoles,
+                all_names,
+            )
+            k_start = yield from _strengths(families, owner, np.arange(len(all_names)))
+            known = np.isfinite(centring.start)
+            k_bba = np.where(known, centring.start, k_start)
+            bumps = np.vstack([centring.bumps, centring.bumps])  # (2 nbpm, ncorr): per row
+            goal_base = d_all @ (k_start - k_bba) - np.einsum("rc,rc->r", d_all, bumps)
+            matrix = matrix - d_all[:, columns]
+            if "rf_column" in options:
+                options["rf_column"] = options["rf_column"] - d_rf
         options["bpm_weights"] = valid.astype(float)
-        goal = options.get("target")
-        goal = np.zeros(matrix.shape[0]) if goal is None else np.asarray(goal, float)
+        goal_ref = options.get("target")
+        goal_ref = np.zeros(matrix.shape[0]) if goal_ref is None else np.asarray(goal_ref, float)
+        goal = goal_ref + goal_base
+        has_target = options.get("target") is not None or centring is not None
         if options.get("method") == "tikhonov" and options.get("alpha") is None:
             s_max = yield from compute(largest_singular_value, matrix)
             options["alpha"] = DEFAULT_RELATIVE_ALPHA * s_max
@@ -342,10 +425,20 @@ def correct_orbit(
             options["bpm_weights"] = np.concatenate([valid, d_valid]).astype(float)
             if "rf_column" in options:
                 options["rf_column"] = np.concatenate([options["rf_column"], np.zeros(nrow)])
-            if "target" in options and options["target"] is not None:
-                options["target"] = np.concatenate([options["target"], np.zeros(nrow)])
         used_alpha = float(options.get("alpha") or 0.0)  # 0: no Tikhonov term
         applied = np.zeros(len(columns))
+        rf_applied = 0.0
+
+        def set_goal() -> None:
+            """The orbit goal at the correctors' present strengths, and the solve's target."""
+            nonlocal goal
+            goal = goal_ref + goal_base
+            if d_all is not None and d_rf is not None:
+                goal = goal + d_all[:, columns] @ applied + d_rf * rf_applied
+            if has_target:
+                target = goal if d_matrix is None else np.concatenate([goal, np.zeros(nrow)])
+                options["target"] = target
+
         baseline = Record(
             "orbit",
             {"x": np.zeros(len(rows)), "y": np.zeros(len(rows)), "rms": 0.0},
@@ -370,8 +463,11 @@ def correct_orbit(
             rows_o = (orbit - goal)[valid]
             return float(np.sqrt(np.mean(np.concatenate([rows_o, rows_d]) ** 2)))
 
+        set_goal()
+
         @bpp.run_decorator(md=_md)
         def run() -> MsgGenerator[None]:
+            nonlocal rf_applied
             orbit, after = yield from measure_orbit_now(start_time)
             n = len(rows)
             yield from bps.create("baseline")
@@ -394,6 +490,8 @@ def correct_orbit(
                 before_rms = objective(orbit)
                 after = yield from _apply(families, owner, columns, kicks, rf, df)
                 applied[:] = applied + kicks
+                rf_applied += df
+                set_goal()
                 orbit, after = yield from measure_orbit_now(after)
                 yield from bps.create("primary")
                 yield from bps.read(
@@ -446,6 +544,70 @@ def reference_orbit(reference: Result | np.ndarray, bpm_names: Sequence[str]) ->
             f"the reference must have 2 x {n} values (x then y, m), got shape {arr.shape}"
         )
     return arr.reshape(2 * n).copy()
+
+
+@dataclass(frozen=True)
+class _Centring:
+    """What a ``bba`` result says of the corrector state each centre was found in.
+
+    Attributes:
+        quadrupoles: per selected BPM its BBA'd quadrupole, ``None`` without a centre.
+        bumps: (nbpm, ncorr) the scan knobs at the centre amplitudes, both planes (rad).
+        start: (ncorr,) the correctors' strengths at the BBA's start (rad), NaN for a
+            corrector the result does not name.
+    """
+
+    quadrupoles: list[str | None]
+    bumps: np.ndarray
+    start: np.ndarray
+
+
+def _centring(
+    reference: Result, bpm_names: Sequence[str], corrector_names: Sequence[str]
+) -> _Centring:
+    """The quadrupole centring of a ``bba`` reference, over ``corrector_names``.
+
+    Raises:
+        ValueError: the result lacks the corrector state (an older schema), or a scan knob
+            uses a corrector the correction does not have.
+    """
+    data = reference.data
+    needed = ("center_amplitude_x", "center_amplitude_y", "corrector_names", "corrector_start")
+    missing = [k for k in needed if k not in data]
+    if missing:
+        raise ValueError(
+            f"the bba result {reference.uid} has no {missing}: it cannot centre the beam in the "
+            "quadrupoles; use reference_point='bpm'"
+        )
+    column = {str(n): j for j, n in enumerate(corrector_names)}
+    start = np.full(len(corrector_names), np.nan)
+    for name, value in zip(data["corrector_names"], data["corrector_start"], strict=True):
+        if str(name) in column:
+            start[column[str(name)]] = float(value)
+    index = {str(b): k for k, b in enumerate(data["bpm_names"])}
+    amplitude = np.nan_to_num(np.c_[data["center_amplitude_x"], data["center_amplitude_y"]])
+    quadrupoles: list[str | None] = []
+    bumps = np.zeros((len(bpm_names), len(corrector_names)))
+    for i, name in enumerate(bpm_names):
+        k = index.get(str(name))
+        accepted = k is not None and any(bool(np.asarray(data[f"accepted_{p}"])[k]) for p in "xy")
+        quadrupoles.append(str(data["quadrupole_names"][k]) if accepted and k is not None else None)
+        if not accepted:
+            continue
+        for b, p, c, v in zip(
+            data["knob_bpm"], data["knob_plane"], data["knob_correctors"], data["knob_kicks"],
+            strict=True,
+        ):  # fmt: skip
+            if int(b) != k:
+                continue
+            if str(c) not in column:
+                raise ValueError(
+                    f"the bba result {reference.uid}: {name}'s scan knob uses {c}, which is "
+                    "not among the correction's correctors: give its family, or "
+                    "reference_point='bpm'"
+                )
+            bumps[i, column[str(c)]] += amplitude[k, "xy".index(str(p))] * float(v)
+    return _Centring(quadrupoles, bumps, start)
 
 
 def _without_kicks(

@@ -626,14 +626,25 @@ class TwinIoc:
         return True
 
     async def _on_fire(self, _value: int) -> None:
-        """Kick now: the machine as it is goes to the worker; the buffers come later."""
+        """Kick now: the machine as it is goes to the worker; the buffers come later.
+
+        ``_can_fire`` set BUSY; from the start of :meth:`_track` on, that task clears it. A
+        failure before (a refused tracking request) clears it here and is raised again, so that
+        a shot that never started does not refuse every later FIRE.
+        """
         twin = self.twin
-        turns = min(int(rec["turns"].get()) for _, rec in self._tbt.values()) if self._tbt else 1
-        kick = (self._pinger["kick_x"].get() * 1e-6, self._pinger["kick_y"].get() * 1e-6)
-        now = time.time()
-        request = twin.tbt_request(kick[0], kick[1], turns)
-        self._pinger["busy"].set(1)
-        self._shot = asyncio.get_running_loop().create_task(self._track(request, now))
+        try:
+            turns = (
+                min(int(rec["turns"].get()) for _, rec in self._tbt.values()) if self._tbt else 1
+            )
+            kick = (self._pinger["kick_x"].get() * 1e-6, self._pinger["kick_y"].get() * 1e-6)
+            now = time.time()
+            request = twin.tbt_request(kick[0], kick[1], turns)
+            self._pinger["busy"].set(1)
+            self._shot = asyncio.get_running_loop().create_task(self._track(request, now))
+        except BaseException:
+            self._pinger["busy"].set(0)
+            raise
 
     async def _track(self, request: Any, shot_time: float) -> None:
         try:
