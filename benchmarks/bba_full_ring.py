@@ -41,10 +41,12 @@ from accplans.sim import (
 PORTS = reserve_ports(1)[0]
 os.environ.update(client_environment([PORTS]))
 from bluesky import RunEngine  # noqa: E402
+from bluesky.run_engine import call_in_bluesky_event_loop  # noqa: E402
 
 from accplans.config import load_description  # noqa: E402
 from accplans.data import BackgroundTiledWriter, LocalTiled, load_result  # noqa: E402
-from accplans.devices import connect_sync  # noqa: E402
+from accplans.devices import call_async, connect_sync  # noqa: E402
+from accplans.model import OnlineModel  # noqa: E402
 from accplans.plans import (  # noqa: E402
     bba,
     bba_knobs,
@@ -52,12 +54,19 @@ from accplans.plans import (  # noqa: E402
     correct_orbit,
     shutdown_workers,
 )
+from accplans.plans.orbit_correction import DEFAULT_RELATIVE_ALPHA  # noqa: E402
 
 ERRORS = ErrorModel(bpm_offset_m=100e-6, quad_shift_m=10e-6, bpm_noise_m=1e-6)
 
 
 def _rms(a: np.ndarray) -> float:
     return float(np.sqrt(np.nanmean(np.asarray(a) ** 2)))
+
+
+def _set_hardware(families: Any, values: dict[str, np.ndarray]) -> Any:
+    """A plan: the families' hardware setpoints back to ``values`` (by family name)."""
+    for f in families:
+        yield from call_async(f.set_hardware, values[f.name])
 
 
 def main() -> None:
@@ -81,6 +90,15 @@ def main() -> None:
     )
     ap.add_argument("--no-truth", action="store_true", help="skip bba_truth (slow)")
     ap.add_argument(
+        "--ref-alphas",
+        type=float,
+        nargs="+",
+        default=[DEFAULT_RELATIVE_ALPHA],
+        help="Tikhonov parameters (x the largest singular value) of the correction to the "
+        "BBA reference, each from the same start",
+    )
+    ap.add_argument("--ref-iterations", type=int, default=3, help="its iterations")
+    ap.add_argument(
         "--compare-points",
         action="store_true",
         help="also correct the readings to the centres (reference_point='bpm') first",
@@ -97,6 +115,7 @@ def main() -> None:
     )
     a = ap.parse_args()
     d = load_description("ebs")
+    s_max = float(np.linalg.norm(OnlineModel(d).orm(rf=False).matrix, 2))
     names = list(d.families["bpms"].devices)
     sel = names[:: a.every]
     options = {
@@ -139,6 +158,8 @@ def main() -> None:
                     seed_steps = 0.0
                     for npass in range(1, a.passes + 1):
                         truth = twin.control.export_truth(f"{tmp}/{seed}-{mode}-{npass}-0")
+                        start_h = call_in_bluesky_event_loop(m.hcorr.strengths())
+                        start_v = call_in_bluesky_event_loop(m.vcorr.strengths())
                         t0 = time.perf_counter()
                         kw = options if mode == "parallel" else serial_options
                         res = engine(
@@ -208,24 +229,42 @@ def main() -> None:
                             flush=True,
                         )
                         # the readings to the centres, then (the default) the beam to the
-                        # quadrupoles' centres: the later passes start from the latter
-                        points = ["bpm", "quadrupole"] if a.compare_points else ["quadrupole"]
-                        for point in points:
+                        # quadrupoles' centres, each from the state the pass started in and
+                        # at each Tikhonov parameter; the later passes start from the last
+                        assert m.rf is not None
+                        moved = (m.hcorr, m.vcorr, m.rf)
+                        start = {
+                            f.name: call_in_bluesky_event_loop(f.hardware_setpoints())
+                            for f in moved
+                        }
+                        trials = [("bpm", a.ref_alphas[0])] if a.compare_points else []
+                        trials += [("quadrupole", rel) for rel in a.ref_alphas]
+                        for point, rel in trials:
+                            engine(_set_hardware(moved, start))
                             engine(
                                 correct_orbit(
                                     m.bpms, [m.hcorr, m.vcorr], rf=m.rf, reference=r,
-                                    reference_point=point,
+                                    reference_point=point, alpha=rel * s_max,
+                                    iterations=a.ref_iterations,
                                 )
                             )  # fmt: skip
                             truth2 = twin.control.export_truth(
-                                f"{tmp}/{seed}-{mode}-{npass}-{point}"
+                                f"{tmp}/{seed}-{mode}-{npass}-{point}-{rel}"
                             )
                             after = beam_in_quadrupoles(truth2, d, quads)
+                            kicks = np.concatenate(
+                                [
+                                    call_in_bluesky_event_loop(f.strengths()) - s0
+                                    for f, s0 in ((m.hcorr, start_h), (m.vcorr, start_v))
+                                ]
+                            )
                             print(
-                                f"  after correct_orbit(reference=bba, reference_point={point!r}) "
-                                f"x {_rms(after[:, 0]) * 1e6:.1f} y {_rms(after[:, 1]) * 1e6:.1f}"
+                                f"  after correct_orbit(reference=bba, reference_point={point!r},"
+                                f" alpha {rel:g} x the largest singular value) x "
+                                f"{_rms(after[:, 0]) * 1e6:.1f} y {_rms(after[:, 1]) * 1e6:.1f}"
                                 f" um ({_rms(after) * 1e6:.1f} both); ratio "
-                                f"{_rms(before) / _rms(after):.1f}",
+                                f"{_rms(before) / _rms(after):.1f}; kicks changed by "
+                                f"{_rms(kicks) * 1e6:.1f} urad rms",
                                 flush=True,
                             )
                     steps[mode].append(seed_steps)

@@ -40,7 +40,8 @@ vertical dispersion at the BPMs (true, and measured before), and the rms orbit. 
 the dispersion correction.
 
 Run: ``nice -n 10 .venv/bin/python benchmarks/coupling.py [--seeds 1 2 3] [--iterations 3]
-[--c-minus] [--dispersion-correction [--orbit-dispersion-weight 0.05 0.2 0.5]]``.
+[--c-minus] [--dispersion-correction [--orbit-dispersion-weight 0.05 0.2 0.5]
+[--coupling-after-dispersion]]``.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def correct_dispersion(
     writer.flush(timeout=120)
     dispersion = load_result(client, meas.run_start_uids[0], "dispersion")
     dy_meas = float(np.sqrt(np.mean(np.square(dispersion["dy"]))))
-    tag = f"dfs-{seed}-0"
+    tag, r1 = f"dfs-{seed}-0", r
     for i, weight in enumerate(weights):
         if i > 0:
             back = engine(restore_setpoints(families, snap.run_start_uids[0], client=client))
@@ -155,10 +156,7 @@ def correct_dispersion(
             f"{np.sqrt(np.mean(np.square(frame.y))) * 1e6:.2f} um",
             flush=True,
         )
-    last = load_truth(os.path.join(tmp, tag))
-    _, beam, _ = at.ohmi_envelope(last.ring.enable_6d(copy=True), refpts=[0])
-    eps = beam.mode_emittances
-    return true_c_minus(last.ring, last.dct_m), float(eps[1] / eps[0]), tag
+    return true_c_minus(*_ring_dct(tmp, tag)), r1, tag
 
 
 def main() -> None:
@@ -230,18 +228,19 @@ def main() -> None:
                 ):
                     if value is not None:
                         options[key] = value
-                coupling = correct_coupling(
-                    m.bpms,
-                    [m.hcorr, m.vcorr],
-                    m.rf,
-                    m.skew,
-                    emittance=monitor,
-                    iterations=args.iterations,
-                    select=select,
-                    fit_rolls=not args.no_rolls,
-                    **options,
+                result = engine(
+                    correct_coupling(
+                        m.bpms,
+                        [m.hcorr, m.vcorr],
+                        m.rf,
+                        m.skew,
+                        emittance=monitor,
+                        iterations=args.iterations,
+                        select=select,
+                        fit_rolls=not args.no_rolls,
+                        **options,
+                    )
                 )
-                result = engine(coupling)
                 assert isinstance(result, RunEngineResult)
                 c1, r1 = truth_figures(twin, tmp, f"after-{seed}")
                 writer.flush(timeout=120)

@@ -332,3 +332,15 @@ def test_quadrupole_centring_takes_the_corrector_state_of_each_centre() -> None:
     old = {k: v for k, v in data.items() if k != "corrector_start"}
     with pytest.raises(ValueError, match="reference_point='bpm'"):
         _centring(Result(kind="bba", version=2, uid="u", data=old, metadata={}), ["B3"], ["H1"])
+
+
+def test_a_step_at_the_noise_level_is_not_a_divergence() -> None:
+    """A converged correction's next step may grow the rms by half within the noise: not a
+    divergence (the plan would restore everything); growing by half beyond 3 times the
+    noise is one."""
+    from accplans.plans.orbit_correction import diverged
+
+    assert not diverged(0.6e-6, 0.9e-6, noise=0.58e-6)  # seen on EBS with 5 BPMs
+    assert diverged(0.6e-6, 0.95e-6, noise=0.05e-6)
+    assert diverged(10e-6, 16e-6, noise=0.58e-6)
+    assert not diverged(10e-6, 14e-6, noise=0.0)

@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_RELATIVE_ALPHA",
     "correct_orbit",
     "dispersion_response",
+    "diverged",
     "model_response",
     "orbit_correction_step",
     "quadrupole_centring_response",
@@ -193,8 +194,10 @@ def correct_orbit(
 
     A correction plan: on success it keeps the correction, on ``RE.stop()`` it keeps the last
     completed iteration, and on a failure (a divergent step: the rms orbit grew by more than
-    50 %; a lost beam; an error) or an abort it restores every corrector and the RF frequency
-    to their starting setpoints.
+    50 % and by more than 3 times the noise of its mean, from the frames' scatter; a lost
+    beam; an error) or an abort it restores every corrector and the RF frequency to their
+    starting setpoints. A step that grows the rms by less, at the noise level, ends the
+    correction as not improving.
 
     Args:
         bpms: the BPM family (an orbit source).
@@ -341,14 +344,19 @@ def correct_orbit(
     )
     _md.update(md or {})
 
-    def measure_orbit_now(after: float) -> MsgGenerator[tuple[np.ndarray, float]]:
-        """Mean orbit (x then y, m) of ``n_samples`` frames taken at or after ``after``."""
+    def measure_orbit_now(after: float) -> MsgGenerator[tuple[np.ndarray, float, np.ndarray]]:
+        """Frames taken at or after ``after``: mean orbit, next time, standard errors.
+
+        The mean orbit (x then y, m) of ``n_samples`` frames, the time to read the next
+        after, and the mean's standard error per reading (m; zero from a single frame).
+        """
         samples = []
         for _ in range(n_samples):
             frame = yield from read_orbit_frame(bpms, after=after, timeout=timeout)
             samples.append(np.concatenate([frame.x[rows], frame.y[rows]]))
             after = frame.time + 2e-6
-        return np.mean(samples, axis=0), after
+        error = np.std(samples, axis=0, ddof=1) / np.sqrt(n_samples) if n_samples > 1 else 0.0
+        return np.mean(samples, axis=0), after, np.broadcast_to(error, samples[0].shape)
 
     def plan() -> MsgGenerator[str]:
         snapshot = yield from take_snapshot(description, moved)
@@ -468,7 +476,7 @@ def correct_orbit(
         @bpp.run_decorator(md=_md)
         def run() -> MsgGenerator[None]:
             nonlocal rf_applied
-            orbit, after = yield from measure_orbit_now(start_time)
+            orbit, after, error = yield from measure_orbit_now(start_time)
             n = len(rows)
             yield from bps.create("baseline")
             yield from bps.read(baseline.update(x=orbit[:n], y=orbit[n:], rms=rms(orbit)))
@@ -492,14 +500,15 @@ def correct_orbit(
                 applied[:] = applied + kicks
                 rf_applied += df
                 set_goal()
-                orbit, after = yield from measure_orbit_now(after)
+                orbit, after, error = yield from measure_orbit_now(after)
                 yield from bps.create("primary")
                 yield from bps.read(
                     step.update(iteration=k + 1, kicks=kicks, rf_step=df, alpha=used_alpha)
                 )
                 yield from bps.read(baseline.update(x=orbit[:n], y=orbit[n:], rms=rms(orbit)))
                 yield from bps.save()
-                if objective(orbit) > 1.5 * before_rms:
+                noise = float(np.sqrt(np.mean(error[valid] ** 2))) if valid.any() else 0.0
+                if diverged(before_rms, objective(orbit), noise):
                     raise RuntimeError(
                         f"correct_orbit diverged at iteration {k + 1}: rms orbit "
                         f"{before_rms * 1e6:.1f} -> {objective(orbit) * 1e6:.1f} um; restoring"
@@ -608,6 +617,17 @@ def _centring(
                 )
             bumps[i, column[str(c)]] += amplitude[k, "xy".index(str(p))] * float(v)
     return _Centring(quadrupoles, bumps, start)
+
+
+def diverged(before: float, after: float, noise: float) -> bool:
+    """Whether a correction step diverged: the rms (m) grew by half and beyond the noise.
+
+    ``noise`` is the rms standard error of the orbit's mean (m). At the noise level a step
+    can grow the rms by half without anything wrong (a converged correction's next step):
+    that is a step that no longer improves, not a divergence. Divergent: ``after > 1.5
+    before`` and ``after > before + 3 noise``.
+    """
+    return after > 1.5 * before and after > before + 3.0 * noise
 
 
 def _without_kicks(
