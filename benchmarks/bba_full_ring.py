@@ -5,7 +5,11 @@ noise, the other errors at their defaults). For each seed: ``correct_orbit`` to 
 (its defaults), the true rms distance between beam and quadrupole centres at the BBA'd
 quadrupoles (``accplans.sim.beam_in_quadrupoles``), then ``bba`` (``--mode parallel``,
 ``serial`` or ``both``) on every ``--every``-th BPM (1: all 320), then ``correct_orbit``
-to the BBA reference (``reference=`` the ``bba`` result) and the distance again.
+to the BBA reference (``reference=`` the ``bba`` result: the beam to the quadrupoles'
+centres, its default ``reference_point``) and the distance again; with ``--compare-points``
+first the readings to the centres (``reference_point="bpm"``), and with ``--ref-alphas`` at
+several Tikhonov parameters (fractions of the largest singular value), each from the state
+the pass started in (``--ref-iterations``: the correction's iterations).
 
 Printed per run: wall time, machine steps (``n_steps`` of the result: every set-wait-read
 step of the plan, ``2 * n_positions`` per BPM in serial BBA, per group in parallel BBA),
@@ -16,7 +20,7 @@ distances; at the end ``ratio parallel/serial steps: X``. Without a serial run o
 serial step count is the deterministic ``2 * n_positions * n_bpms``.
 
 Run: ``nice -n 10 .venv/bin/python benchmarks/bba_full_ring.py [--seeds 1 2 3]
-[--mode parallel] [--every 1]``.
+[--mode parallel] [--every 1] [--compare-points] [--ref-alphas 1e-3 3e-4]``.
 """
 
 from __future__ import annotations
