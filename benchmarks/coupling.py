@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import tempfile
 import time
@@ -228,19 +229,21 @@ def main() -> None:
                 ):
                     if value is not None:
                         options[key] = value
-                result = engine(
-                    correct_coupling(
-                        m.bpms,
-                        [m.hcorr, m.vcorr],
-                        m.rf,
-                        m.skew,
-                        emittance=monitor,
-                        iterations=args.iterations,
-                        select=select,
-                        fit_rolls=not args.no_rolls,
-                        **options,
-                    )
+
+                # correct_coupling with this run's options (a plan factory: one or two passes)
+                coupling_pass = functools.partial(
+                    correct_coupling,
+                    m.bpms,
+                    [m.hcorr, m.vcorr],
+                    m.rf,
+                    m.skew,
+                    emittance=monitor,
+                    iterations=args.iterations,
+                    select=select,
+                    fit_rolls=not args.no_rolls,
+                    **options,
                 )
+                result = engine(coupling_pass())
                 assert isinstance(result, RunEngineResult)
                 c1, r1 = truth_figures(twin, tmp, f"after-{seed}")
                 writer.flush(timeout=120)
@@ -263,19 +266,7 @@ def main() -> None:
                     )
                 if args.dispersion_correction and args.coupling_after_dispersion:
                     previous = "correct_coupling after the dispersion correction"
-                    again = engine(
-                        correct_coupling(
-                            m.bpms,
-                            [m.hcorr, m.vcorr],
-                            m.rf,
-                            m.skew,
-                            emittance=monitor,
-                            iterations=args.iterations,
-                            select=select,
-                            fit_rolls=not args.no_rolls,
-                            **options,
-                        )
-                    )
+                    again = engine(coupling_pass())
                     assert isinstance(again, RunEngineResult)
                     before_c_minus = f"coupling-again-{seed}"
                     r_again, dy_again = true_dy_rms(twin, tmp, before_c_minus)

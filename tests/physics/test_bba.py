@@ -13,6 +13,8 @@ from accplans.physics import (
     fit_group_columns,
     fit_group_kicks,
     group_bba_quadrupoles,
+    knob_amplitude_at,
+    quadrupole_centring_goal,
 )
 
 NBPM = 30
@@ -327,3 +329,44 @@ def test_coupled_planes_need_the_joint_fit() -> None:
     assert np.max(np.abs(alone.center_m - centre_x) / alone.std_center_m) > 4
     assert np.max(np.abs(alone.center_m - centre_x)) > 3e-6
     assert np.all(np.abs(joint.center_m - truth) <= 4 * joint.std_center_m)
+
+
+def test_knob_amplitude_at_the_centre_inverts_the_scan_line() -> None:
+    """The amplitude where a reading linear in the knob meets the centre, and when unknown."""
+    rng = np.random.default_rng(5)
+    amplitudes = np.linspace(-100e-6, 100e-6, 5)
+    readings = 12e-6 + 0.8 * amplitudes + rng.normal(0, 0.1e-6, 5)
+    found = knob_amplitude_at(amplitudes, readings, 40e-6)
+    assert found == pytest.approx((40e-6 - 12e-6) / 0.8, abs=0.5e-6)
+    readings[[0, 3]] = np.nan  # a missing reading leaves the line of the others
+    assert knob_amplitude_at(amplitudes, readings, 40e-6) == pytest.approx(found, abs=0.5e-6)
+    assert np.isnan(knob_amplitude_at(amplitudes, np.full(5, 3e-6), 40e-6))  # does not move
+    assert np.isnan(knob_amplitude_at(amplitudes, readings, float("nan")))
+    assert np.isnan(knob_amplitude_at(amplitudes[:1], readings[:1], 40e-6))
+
+
+def test_centring_goal_puts_the_beam_through_the_quadrupole_centres() -> None:
+    """A linear machine: readings A k + a, beam in the quadrupoles B k + b. Each centre is
+    found at its own strengths (start + a scan knob); at other strengths, reading the goal
+    means the beam is through the centre, while reading the centre itself does not."""
+    rng = np.random.default_rng(11)
+    nrow, ncorr = 12, 20
+    a_resp = rng.normal(0, 10.0, (nrow, ncorr))
+    b_resp = a_resp + rng.normal(0, 1.0, (nrow, ncorr))  # the quadrupoles see nearly the same
+    a0, b0 = rng.normal(0, 100e-6, nrow), rng.normal(0, 100e-6, nrow)
+    centre_quad = rng.normal(0, 10e-6, nrow)  # where each quadrupole's centre is
+    start = rng.normal(0, 20e-6, ncorr)
+    k_centre = np.empty((nrow, ncorr))
+    centres = np.empty(nrow)
+    for r in range(nrow):  # row r's knob: the least change of strengths to centre quadrupole r
+        knob = b_resp[r] * (centre_quad[r] - b_resp[r] @ start - b0[r]) / (b_resp[r] @ b_resp[r])
+        k_centre[r] = start + knob
+        assert b_resp[r] @ k_centre[r] + b0[r] == pytest.approx(centre_quad[r], abs=1e-15)
+        centres[r] = a_resp[r] @ k_centre[r] + a0[r]
+    # strengths putting the beam through every centre (least norm change from the start)
+    k = start + np.linalg.lstsq(b_resp, centre_quad - b_resp @ start - b0, rcond=None)[0]
+    np.testing.assert_allclose(b_resp @ k + b0, centre_quad, atol=1e-15)
+    goal = quadrupole_centring_goal(centres, a_resp - b_resp, k, k_centre)
+    np.testing.assert_allclose(a_resp @ k + a0, goal, atol=1e-12)
+    # the readings differ from the centres there, by well over a micron
+    assert np.sqrt(np.mean((a_resp @ k + a0 - centres) ** 2)) > 5e-6

@@ -13,6 +13,8 @@ from ._bba import (
     fit_group_columns,
     fit_group_kicks,
     group_bba_quadrupoles,
+    knob_amplitude_at,
+    quadrupole_centring_goal,
 )
 from ._bumps import BumpError, BumpSolution, bump_kicks, bump_span, nearest_correctors
 from ._c_minus import (
@@ -129,6 +131,8 @@ __all__ = [
     "fit_group_columns",
     "fit_group_kicks",
     "group_bba_quadrupoles",
+    "knob_amplitude_at",
+    "quadrupole_centring_goal",
     "BumpError",
     "BumpSolution",
     "bump_kicks",

@@ -50,6 +50,8 @@ __all__ = [
     "fit_group_columns",
     "fit_group_kicks",
     "group_bba_quadrupoles",
+    "knob_amplitude_at",
+    "quadrupole_centring_goal",
 ]
 
 
@@ -768,3 +770,55 @@ def fit_group_centres(
         std_offsets_m=np.broadcast_to(np.sqrt(np.diag(normal)), (npos, nm)).copy(),
         columns=found,
     )
+
+
+def knob_amplitude_at(amplitudes: np.ndarray, readings_m: np.ndarray, centre_m: float) -> float:
+    """The scan knob's amplitude at which a BPM reads ``centre_m`` (NaN if unknown).
+
+    At fixed optics a closed bump moves the reading in proportion to its amplitude: the
+    straight line of the amplitudes against the readings (least squares), evaluated at the
+    centre. Unknown with fewer than two finite readings, readings that do not move, or a
+    non-finite centre.
+
+    Args:
+        amplitudes: (n,) the knob's amplitudes at the scan positions (the knob's unit: m of
+            bump at its BPM).
+        readings_m: (n,) the BPM's readings there (m), NaN for a missing one.
+        centre_m: the reading wanted (m).
+    """
+    readings = np.asarray(readings_m, float)
+    ok = np.isfinite(readings)
+    if ok.sum() < 2 or not np.isfinite(centre_m) or np.ptp(readings[ok]) == 0:
+        return float("nan")
+    slope, intercept = np.polyfit(readings[ok], np.asarray(amplitudes, float)[ok], 1)
+    return float(intercept + slope * centre_m)
+
+
+def quadrupole_centring_goal(
+    centres_m: np.ndarray,
+    difference_response: np.ndarray,
+    strengths_rad: np.ndarray,
+    centre_strengths_rad: np.ndarray,
+) -> np.ndarray:
+    """The readings that put the beam through the quadrupoles' centres at given strengths.
+
+    A BBA centre ``c_r`` is BPM ``r``'s reading with the beam through its quadrupole's centre,
+    found with the correctors at ``k_r`` (the BBA's starting strengths plus the BPM's own scan
+    knob at the centre). At fixed optics the reading minus the beam's position in the
+    quadrupole changes with the correctors as ``D_r`` (the BPM's response minus the
+    quadrupole's), so at strengths ``k`` the beam is through the centre exactly when the BPM
+    reads ``c_r + D_r (k - k_r)``: only ``D``, the small BPM-quadrupole difference, is taken
+    from a model.
+
+    Args:
+        centres_m: (nrow,) the centres ``c_r`` (m).
+        difference_response: (nrow, ncorr) ``D`` (m/rad).
+        strengths_rad: (ncorr,) the correctors' strengths ``k`` (rad).
+        centre_strengths_rad: (nrow, ncorr) each row's ``k_r`` (rad).
+
+    Returns:
+        (nrow,) the goal readings (m).
+    """
+    d = np.asarray(difference_response, float)
+    shift = np.asarray(strengths_rad, float)[None, :] - np.asarray(centre_strengths_rad, float)
+    return np.asarray(centres_m, float) + np.einsum("rc,rc->r", d, shift)

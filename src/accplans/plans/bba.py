@@ -46,6 +46,7 @@ from accplans.physics import (
     fit_bba_center,
     fit_group_centres,
     group_bba_quadrupoles,
+    knob_amplitude_at,
 )
 
 from ._record import Record
@@ -765,7 +766,7 @@ def bba(
                 for p, fit in new.items():
                     fits[p][k] = fit
                     r = "xy".index(p)
-                    centre_amplitude[k, r] = _amplitude_at(
+                    centre_amplitude[k, r] = knob_amplitude_at(
                         scans[g][m, r], readings[:, r, m], fit.center_m
                     )
 
@@ -789,19 +790,6 @@ def bba(
         )
 
     return (yield from plan())
-
-
-def _amplitude_at(amplitudes: np.ndarray, readings: np.ndarray, centre: float) -> float:
-    """The scan knob's amplitude (m) at which the BPM reads ``centre`` (m), NaN if unknown.
-
-    The reading moves linearly with the knob (a closed bump at fixed optics): the line of
-    the amplitudes against the readings, at the centre.
-    """
-    ok = np.isfinite(readings)
-    if ok.sum() < 2 or not np.isfinite(centre) or np.ptp(readings[ok]) == 0:
-        return float("nan")
-    slope, intercept = np.polyfit(readings[ok], np.asarray(amplitudes, float)[ok], 1)
-    return float(intercept + slope * centre)
 
 
 def _members(group: GroupCentres, members: slice) -> GroupCentres:

@@ -15,7 +15,7 @@ from accplans.config import MachineDescription
 from accplans.data import Result, run_metadata
 from accplans.devices import OrbitSource, SettableFamily, call_async, resolve_select
 from accplans.model import OnlineModel
-from accplans.physics import micado, solve_correction
+from accplans.physics import micado, quadrupole_centring_goal, solve_correction
 
 from ._record import Record
 from ._safety import description_of, restore_on_exit, take_snapshot
@@ -382,8 +382,7 @@ def correct_orbit(
             valid &= np.isfinite(ref)
         # with quadrupole centring: the goal moves with the correctors as (reading - beam in
         # the quadrupole) does, so the correction solves with R - D against the present goal
-        d_all = d_rf = None
-        goal_base = np.zeros(matrix.shape[0])
+        centre_terms: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         if centring is not None:
             d_all, d_rf = yield from compute(
                 quadrupole_centring_response,
@@ -396,15 +395,16 @@ def correct_orbit(
             k_start = yield from _strengths(families, owner, np.arange(len(all_names)))
             known = np.isfinite(centring.start)
             k_bba = np.where(known, centring.start, k_start)
-            bumps = np.vstack([centring.bumps, centring.bumps])  # (2 nbpm, ncorr): per row
-            goal_base = d_all @ (k_start - k_bba) - np.einsum("rc,rc->r", d_all, bumps)
+            # each row's centre was found at the BBA's start plus its BPM's scan knob
+            k_centre = k_bba + np.vstack([centring.bumps, centring.bumps])
+            centre_terms = (d_all, d_rf, k_start, k_centre)
             matrix = matrix - d_all[:, columns]
             if "rf_column" in options:
                 options["rf_column"] = options["rf_column"] - d_rf
         options["bpm_weights"] = valid.astype(float)
         goal_ref = options.get("target")
         goal_ref = np.zeros(matrix.shape[0]) if goal_ref is None else np.asarray(goal_ref, float)
-        goal = goal_ref + goal_base
+        goal = goal_ref
         has_target = options.get("target") is not None or centring is not None
         if options.get("method") == "tikhonov" and options.get("alpha") is None:
             s_max = yield from compute(largest_singular_value, matrix)
@@ -440,9 +440,13 @@ def correct_orbit(
         def set_goal() -> None:
             """The orbit goal at the correctors' present strengths, and the solve's target."""
             nonlocal goal
-            goal = goal_ref + goal_base
-            if d_all is not None and d_rf is not None:
-                goal = goal + d_all[:, columns] @ applied + d_rf * rf_applied
+            goal = goal_ref
+            if centre_terms is not None:
+                d_all, d_rf, k_start, k_centre = centre_terms
+                k_now = k_start.copy()
+                k_now[columns] += applied
+                goal = quadrupole_centring_goal(goal_ref, d_all, k_now, k_centre)
+                goal = goal + d_rf * rf_applied
             if has_target:
                 target = goal if d_matrix is None else np.concatenate([goal, np.zeros(nrow)])
                 options["target"] = target
