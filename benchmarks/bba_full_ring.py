@@ -56,6 +56,7 @@ from accplans.plans import (  # noqa: E402
     bba_knobs,
     correct_coupling,
     correct_orbit,
+    measure_orm,
     shutdown_workers,
 )
 from accplans.plans.orbit_correction import DEFAULT_RELATIVE_ALPHA  # noqa: E402
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--max-inflation", type=float, default=None)
     ap.add_argument("--n-samples", type=int, default=None)
     ap.add_argument("--n-positions", type=int, default=None)
+    ap.add_argument("--dk-rel", type=float, default=None, help="bba(dk_rel=...)")
     ap.add_argument(
         "--fit-coupling", type=int, choices=(0, 1), default=None, help="bba(fit_coupling=...)"
     )
@@ -113,6 +115,13 @@ def main() -> None:
         help="write per-BPM centres, errors and groups to DUMP-<seed>-<mode>.npz",
     )
     ap.add_argument(
+        "--response",
+        action="store_true",
+        help="parallel: measure the ORM (every corrector, RF) first and give it to bba "
+        "(its steps are counted apart)",
+    )
+    ap.add_argument("--orm-frames", type=int, default=1, help="measure_orm(n_frames=...)")
+    ap.add_argument(
         "--correct-coupling",
         action="store_true",
         help="correct_coupling (every 9th corrector) and correct_orbit again before bba",
@@ -129,12 +138,16 @@ def main() -> None:
             "max_inflation": a.max_inflation,
             "n_samples": a.n_samples,
             "n_positions": a.n_positions,
+            "dk_rel": a.dk_rel,
             "fit_coupling": None if a.fit_coupling is None else bool(a.fit_coupling),
         }.items()
         if v is not None
     }
-    serial_options = {k: v for k, v in options.items() if k in ("n_samples", "n_positions")}
+    serial_options = {
+        k: v for k, v in options.items() if k in ("n_samples", "n_positions", "dk_rel")
+    }
     steps: dict[str, list[float]] = {"parallel": [], "serial": []}
+    orm_steps: list[float] = []
     per_bpm = 2 * int(options.get("n_positions", 5))
     with tempfile.TemporaryDirectory() as tmp, LocalTiled(tmp + "/tiled") as tiled:
         client = tiled.client()
@@ -160,6 +173,22 @@ def main() -> None:
                         print(f"seed {seed}: correct_coupling {cast(Any, cc).exit_status}")
                         engine(correct_orbit(m.bpms, [m.hcorr, m.vcorr], rf=m.rf))
                     seed_steps = 0.0
+                    response = None
+                    if a.response and mode == "parallel":
+                        t0 = time.perf_counter()
+                        orm_run = engine(
+                            measure_orm(m.bpms, [m.hcorr, m.vcorr], rf=m.rf, n_frames=a.orm_frames)
+                        )
+                        (orm_uid,) = cast(Any, orm_run).run_start_uids
+                        writer.flush(timeout=120)
+                        response = load_result(client, orm_uid, "orm")
+                        n_cols = len(response["corrector_names"])
+                        orm_steps.append((2 * n_cols + 2) / len(sel))
+                        print(
+                            f"seed {seed}: measure_orm {n_cols} correctors + RF, "
+                            f"{2 * n_cols + 2} steps, {time.perf_counter() - t0:.0f} s",
+                            flush=True,
+                        )
                     for npass in range(1, a.passes + 1):
                         truth = twin.control.export_truth(f"{tmp}/{seed}-{mode}-{npass}-0")
                         start_h = call_in_bluesky_event_loop(m.hcorr.strengths())
@@ -169,7 +198,7 @@ def main() -> None:
                         res = engine(
                             bba(
                                 m.bpms, m.quadrupoles, m.hcorr, m.vcorr, select=sel,
-                                parallel=mode == "parallel", **kw,
+                                parallel=mode == "parallel", response=response, **kw,
                             )
                         )  # fmt: skip
                         wall = time.perf_counter() - t0
@@ -281,6 +310,12 @@ def main() -> None:
         print(f"serial steps: {per_bpm} per BPM (2 * n_positions, deterministic; not run)")
     if steps["parallel"]:
         print(f"ratio parallel/serial steps: {np.mean(steps['parallel']) / serial:.3f}")
+    if orm_steps:
+        total = np.mean(steps["parallel"]) + np.mean(orm_steps)
+        print(
+            f"with the ORM it used (bipolar, every corrector and the RF): "
+            f"{total / serial:.3f} of the serial steps"
+        )
 
 
 if __name__ == "__main__":

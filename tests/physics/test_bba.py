@@ -8,6 +8,7 @@ import pytest
 from accplans.physics import (
     bba_scan_orders,
     combine_bba_planes,
+    fit_basis_kicks,
     fit_bba_center,
     fit_group_centres,
     fit_group_columns,
@@ -370,3 +371,48 @@ def test_centring_goal_puts_the_beam_through_the_quadrupole_centres() -> None:
     np.testing.assert_allclose(a_resp @ k + a0, goal, atol=1e-12)
     # the readings differ from the centres there, by well over a micron
     assert np.sqrt(np.mean((a_resp @ k + a0 - centres) ** 2)) > 5e-6
+
+
+def test_basis_kicks_give_each_members_centre_like_a_serial_scan() -> None:
+    """Four members, each kicking along a fixed direction of its two shapes (a ring's
+    closed-orbit responses: cosines of the phase, a kink at each kick), scans in independent
+    orders: the centres from the whitened coefficients match the truth within their errors,
+    and the members' kicks are told apart without any of them being modulated alone."""
+    rng = np.random.default_rng(3)
+    nrow, npos, sigma = 240, 5, 1e-6
+    phase = np.sort(rng.uniform(0, 2 * np.pi * 12.3, nrow))
+    beta = rng.uniform(2, 12, nrow)
+
+    def response(at: float) -> np.ndarray:  # closed orbit of a unit kick at phase ``at``
+        tune = 12.3
+        return np.sqrt(beta) * np.cos(np.abs(phase - at) - np.pi * tune) / np.sin(np.pi * tune)
+
+    starts = 2 * np.pi * np.array([1.1, 4.3, 7.6, 10.2])
+    shapes = [(response(a), response(a + 0.4)) for a in starts]  # bracketing correctors
+    basis = np.column_stack([v for pair in shapes for v in pair])
+    centres = rng.uniform(-50e-6, 50e-6, 4)  # inside the scan
+    amplitudes = np.linspace(-100e-6, 100e-6, npos)
+    readings = np.array([amplitudes[rng.permutation(npos)] for _ in range(4)]).T  # (npos, 4)
+    weights = rng.normal(0, 1, (4, 2))  # each member's direction in its shapes
+    kicks = 0.03 * (readings - centres)  # rad per m of offset x offset
+    changes = sum(
+        np.outer(kicks[:, m], basis[:, 2 * m : 2 * m + 2] @ weights[m]) for m in range(4)
+    ) + rng.normal(0, sigma, (npos, nrow))
+    fit = fit_basis_kicks(changes, basis, sigma)
+    assert fit.chi2_red == pytest.approx(1.0, abs=0.3)
+    pulls = []
+    for m in range(4):
+        member = fit_bba_center(
+            readings[:, m], fit.whitened([2 * m, 2 * m + 1]), sigma_change_m=1.0,
+            sigma_position_m=0.0,
+        )  # fmt: skip
+        assert member.rejected == ""
+        pulls.append((member.center_m - centres[m]) / member.std_center_m)
+        assert member.std_center_m < 2e-6
+    assert np.max(np.abs(pulls)) < 4.0
+    # rows left out are not fitted; too few rows is an error that says so
+    assert fit_basis_kicks(changes, basis, sigma, rows=np.arange(nrow) > 10).rows_used.sum() == (
+        nrow - 11
+    )
+    with pytest.raises(ValueError, match="usable rows"):
+        fit_basis_kicks(changes[:, :6], basis[:6], sigma)

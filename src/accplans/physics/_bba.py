@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 __all__ = [
+    "BasisKicks",
     "BbaFit",
     "BbaGroups",
     "GroupCentres",
@@ -45,6 +46,7 @@ __all__ = [
     "bba_scan_orders",
     "combine_bba_planes",
     "decorrelated_order",
+    "fit_basis_kicks",
     "fit_bba_center",
     "fit_group_centres",
     "fit_group_columns",
@@ -822,3 +824,104 @@ def quadrupole_centring_goal(
     d = np.asarray(difference_response, float)
     shift = np.asarray(strengths_rad, float)[None, :] - np.asarray(centre_strengths_rad, float)
     return np.asarray(centres_m, float) + np.einsum("rc,rc->r", d, shift)
+
+
+@dataclass(frozen=True)
+class BasisKicks:
+    """Difference orbits split over known response shapes (:func:`fit_basis_kicks`).
+
+    Attributes:
+        coefficients: (npos, nbasis) each shape's coefficient at each scan position.
+        covariance: (nbasis, nbasis) their covariance (the same at every position), scaled by
+            the reduced chi-square when the residuals exceed the noise.
+        chi2_red: reduced chi-square of the residuals (NaN with unknown noise).
+        rows_used: (nrow,) the rows fitted.
+    """
+
+    coefficients: np.ndarray
+    covariance: np.ndarray
+    chi2_red: float
+    rows_used: np.ndarray
+
+    def whitened(self, index: Sequence[int]) -> np.ndarray:
+        """(npos, len(index)) coefficients ``index`` with unit, uncorrelated noise.
+
+        ``L^-1 c`` with ``L L^T`` their covariance block: a kick along a fixed direction of
+        these shapes stays a kick along a fixed direction, and its noise is white, as
+        :func:`fit_bba_center` expects of a difference orbit with ``sigma_change_m=1``.
+        """
+        idx = np.asarray(index, int)
+        block = self.covariance[np.ix_(idx, idx)]
+        chol = np.linalg.cholesky(block)
+        return np.linalg.solve(chol, self.coefficients[:, idx].T).T
+
+
+def fit_basis_kicks(
+    orbit_changes_m: np.ndarray,
+    basis: np.ndarray,
+    sigma_m: np.ndarray | float | None = None,
+    rows: np.ndarray | None = None,
+) -> BasisKicks:
+    """Split difference orbits over known response shapes by weighted least squares.
+
+    In parallel BBA a modulated quadrupole kicks the beam in proportion to the beam's offset
+    from its centre; outside the stretch between the two correctors that bracket it, the
+    orbit that kick makes is a combination of those correctors' measured responses: exact in
+    a linear uncoupled lattice at fixed energy, to ~1e-3 on the EBS twin at fixed RF
+    frequency (the kick's path lengthening is not quite the correctors'). With a measured ORM the
+    shapes carry the machine's optics, BPM gains and rolls: each member's kick is the
+    coefficients of its two shapes, and its direction in them is fixed, so that
+    :func:`fit_bba_center` on the whitened coefficients (:meth:`BasisKicks.whitened`) finds
+    its centre like a serial scan's.
+
+    Args:
+        orbit_changes_m: (npos, nrow) difference orbits (m); a row NaN at any position is
+            left out.
+        basis: (nrow, nbasis) the shapes (any unit per shape); a row NaN in any is left out.
+        sigma_m: noise of the difference orbits (m): scalar or (nrow,); ``None``: unknown
+            (the covariance then comes from the residuals).
+        rows: (nrow,) booleans, the rows that may be fitted (e.g. not between a member's
+            bracketing correctors); all by default.
+
+    Returns:
+        The coefficients and their covariance.
+
+    Raises:
+        ValueError: inconsistent shapes, too few usable rows, or shapes that are not
+            independent on them.
+    """
+    d = np.atleast_2d(np.asarray(orbit_changes_m, float))
+    e = np.asarray(basis, float)
+    npos, nrow = d.shape
+    if e.ndim != 2 or e.shape[0] != nrow:
+        raise ValueError(f"fit_basis_kicks: basis {e.shape} does not have {nrow} rows")
+    use = np.all(np.isfinite(d), axis=0) & np.all(np.isfinite(e), axis=1)
+    if rows is not None:
+        use &= np.asarray(rows, bool)
+    sigma = np.broadcast_to(np.asarray(1.0 if sigma_m is None else sigma_m, float), (nrow,)).copy()
+    use &= np.isfinite(sigma) & (sigma > 0)
+    nbasis = e.shape[1]
+    if use.sum() <= nbasis:
+        raise ValueError(
+            f"fit_basis_kicks: {int(use.sum())} usable rows for {nbasis} shapes (need more)"
+        )
+    w = 1.0 / sigma[use]
+    a = e[use] * w[:, None]
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    if s[-1] <= 1e-10 * s[0]:
+        raise ValueError(
+            f"fit_basis_kicks: the shapes are not independent on the rows used (condition "
+            f"number {s[0] / max(s[-1], 1e-300):.1e})"
+        )
+    b = d[:, use] * w[None, :]
+    coefficients = ((b @ u) / s) @ vt  # (npos, nbasis): the least-squares solution per row
+    residual = b - coefficients @ a.T
+    dof = residual.size - npos * nbasis
+    chi2_red = float(np.sum(residual**2) / dof) if dof > 0 else float("nan")
+    covariance = (vt.T / s**2) @ vt
+    if sigma_m is None:
+        covariance = covariance * chi2_red
+        chi2_red = float("nan")
+    elif chi2_red > 1.0:
+        covariance = covariance * chi2_red
+    return BasisKicks(coefficients, covariance, chi2_red, use)

@@ -26,7 +26,14 @@ import numpy as np
 from bluesky.utils import MsgGenerator
 
 from accplans.config import MachineDescription
-from accplans.data import FieldSpec, ResultSchema, record_result, register_result_kind, run_metadata
+from accplans.data import (
+    FieldSpec,
+    Result,
+    ResultSchema,
+    record_result,
+    register_result_kind,
+    run_metadata,
+)
 from accplans.devices import OrbitSource, SettableFamily, call_async, resolve_select
 from accplans.model import (
     OnlineModel,
@@ -43,6 +50,8 @@ from accplans.physics import (
     bump_kicks,
     bump_span,
     combine_bba_planes,
+    decorrelated_order,
+    fit_basis_kicks,
     fit_bba_center,
     fit_group_centres,
     group_bba_quadrupoles,
@@ -378,6 +387,7 @@ def bba(
     max_group: int = 8,
     max_inflation: float = 20.0,
     fit_coupling: bool = True,
+    response: Result | None = None,
     timeout: float = 10.0,
     md: dict | None = None,
 ) -> MsgGenerator[str]:
@@ -415,6 +425,22 @@ def bba(
     per BPM. On the EBS twin its centres are 2-3 um rms from the truth, against the serial
     method's ~1 um (``docs/explanations/bba.md``).
 
+    Parallel BBA with a measured ORM (``response``): outside the stretch between the two
+    correctors (per plane) that bracket a quadrupole, the orbit its kick makes is a
+    combination of those correctors' measured responses (to ~1e-3 on the EBS twin, the
+    path-length term): the measurement carries the optics errors, BPM gains and rolls that a
+    model lacks. Each difference orbit is split over the members' four measured shapes by
+    weighted least squares (:func:`~accplans.physics.fit_basis_kicks`, the BPMs between any
+    member's bracketing correctors left out), and each member's coefficients are fitted
+    against its readings like a serial scan's difference orbits
+    (:func:`~accplans.physics.fit_bba_center`, both planes combined). The members then need
+    no more positions than a BPM alone: ``2 * n_positions`` steps per group; they visit the
+    amplitudes in independent orders (each in the serial scan's x-y pattern). What limits
+    it: a member's kick also moves the beam in the other modulated quadrupoles, whose
+    changed kicks show on their own shapes (third order in ``dK``: 5-7 % of the kick in x,
+    ~1 % in y on EBS at ``dk_rel = 0.05``, a quarter of that at 0.025); on the EBS twin the
+    centres are 3-4 um rms from the truth (``docs/explanations/bba.md``).
+
     Hysteresis: the quadrupole goes to ``K0 - dK`` before the first reading, so every
     ``K0 + dK`` is approached from below and every ``K0 - dK`` from above: every reading of
     a sign lies on the same branch of the same minor loop, and the zero crossing is unchanged
@@ -446,6 +472,11 @@ def bba(
         parallel: modulate groups of quadrupoles at once (see above).
         max_group: most quadrupoles in a group (parallel).
         max_inflation: largest variance inflation of a member's kick estimate (parallel, >= 1).
+        response: a measured ORM (``load_result(client, uid, "orm")`` of ``measure_orm``
+            with every BPM of ``bpms`` as rows, x then y, and every corrector that brackets
+            a BBA'd quadrupole as a column): parallel
+            BBA then splits each difference orbit over the members' measured shapes (see
+            above) instead of fitting the members' columns from the scans.
         fit_coupling: parallel, both planes: fit the members' columns of both planes together
             (every row regressed on the readings of both planes: the machine's coupling of
             one plane's kick into the other's orbit is fitted, a group of ``N`` scans
@@ -482,6 +513,8 @@ def bba(
             f"{n_positions}, {n_samples}"
         )
     bpm_names = [str(n) for n in bpms.names]
+    if response is not None:
+        _check_bba_response(response, bpm_names, parallel)
     rows = resolve_select(select, bpm_names, owner=bpms.name)
     chosen = [bpm_names[int(i)] for i in rows]
     if not chosen:
@@ -514,6 +547,7 @@ def bba(
             "parallel": parallel,
             "max_group": max_group,
             "max_inflation": max_inflation,
+            "response": None if response is None else response.uid,
         },
         units={
             "step-amplitude_x": "m",
@@ -559,11 +593,16 @@ def bba(
         # group of N visits max(n_positions, N + 2), each member in its own independent order
         # (fit_group_columns tells the members' columns apart by them)
         joint = fit_coupling and planes == "xy"
+        shapes = None if response is None else _measured_shapes(description, response, knobs)
         scans = []
         for members in groups:
             n = len(members)
-            n_pos = n_positions if n == 1 else max(n_positions, (2 * n if joint else n) + 2)
-            orders = bba_scan_orders(n, n_pos, 2, joint=joint)
+            if shapes is not None:
+                n_pos = n_positions
+                orders = _member_orders(n, n_pos)
+            else:
+                n_pos = n_positions if n == 1 else max(n_positions, (2 * n if joint else n) + 2)
+                orders = bba_scan_orders(n, n_pos, 2, joint=joint)
             if planes != "xy":
                 orders[:, 1] = orders[:, 0]
             scans.append(np.linspace(-span_m, span_m, n_pos)[orders])
@@ -714,7 +753,20 @@ def bba(
             # a group: per plane the members' columns from the data (no optics model), their
             # centres, and each difference orbit split into the members' beam offsets (m)
             found: dict[str, GroupCentres] = {}
-            if grouped and joint:  # every row on both planes' readings: coupling fitted
+            measured: dict[str, list[BbaFit]] | None = None
+            if grouped and shapes is not None:
+                measured = _fit_with_shapes(
+                    shapes,
+                    members,
+                    diff,
+                    readings,
+                    noise,
+                    rows,
+                    planes,
+                    min_slope_snr,
+                    max_chi2_red,
+                )
+            elif grouped and joint:  # every row on both planes' readings: coupling fitted
                 both = fit_group_centres(
                     np.concatenate([readings[:, 0], readings[:, 1]], axis=1),
                     np.concatenate([diff[:, 0], diff[:, 1]], axis=1),
@@ -735,7 +787,7 @@ def bba(
             for m, k in enumerate(members):
                 b = rows[m]
                 new: dict[str, BbaFit] = {}
-                for p in planes:
+                for p in planes if measured is None else ():
                     r = "xy".index(p)
                     if grouped:
                         changes = found[p].offsets_m[:, [m]]
@@ -763,6 +815,8 @@ def bba(
                         )
                 if planes == "xy" and not grouped:
                     new["x"], new["y"] = combine_bba_planes(new["x"], new["y"])
+                if measured is not None:
+                    new = {p: measured[p][m] for p in planes}
                 for p, fit in new.items():
                     fits[p][k] = fit
                     r = "xy".index(p)
@@ -934,3 +988,190 @@ def bba_knobs(result: Any, bpm: str) -> dict[str, dict[str, float]]:
         if int(i) == k:
             out.setdefault(str(p), {})[str(c)] = float(v)
     return out
+
+
+@dataclass(frozen=True)
+class _MeasuredShapes:
+    """A measured ORM's shapes for parallel BBA (:func:`_measured_shapes`).
+
+    Attributes:
+        matrix: (2 nbpm, ncol) the ORM (m/rad), rows x then y.
+        names: its columns' corrector names.
+        columns: per BBA'd BPM the ORM columns of its quadrupole's bracketing correctors:
+            horizontal upstream, downstream, vertical upstream, downstream.
+        inside: (nknob, nbpm) the BPMs between a quadrupole's bracketing correctors.
+    """
+
+    matrix: np.ndarray
+    names: list[str]
+    columns: list[tuple[int, int, int, int]]
+    inside: np.ndarray
+
+    def basis(self, members: Sequence[int]) -> np.ndarray:
+        """(2 nbpm, 4 nmember) the members' shapes."""
+        return self.matrix[:, [c for k in members for c in self.columns[k]]]
+
+
+def _check_bba_response(response: Result, bpm_names: Sequence[str], parallel: bool) -> None:
+    """Refuse a ``response`` parallel BBA cannot use, before anything moves."""
+    if not parallel:
+        raise ValueError("bba: a response is used by parallel BBA only (parallel=True)")
+    if response.kind != "orm":
+        raise ValueError(f"bba: the response must be an 'orm' result, got {response.kind!r}")
+    if [str(n) for n in response.data["bpm_names"]] != list(bpm_names):
+        raise ValueError(
+            f"bba: the response {response.uid}'s BPMs are not the BPM family's (every BPM, "
+            "same order)"
+        )
+
+
+def _measured_shapes(
+    description: MachineDescription, response: Result, knobs: Sequence[BbaKnob]
+) -> _MeasuredShapes:
+    """Each BBA'd quadrupole's bracketing correctors among the response's columns.
+
+    The bracketing corrector of a plane upstream (downstream) is the last (first) of the
+    response's correctors of that plane before (after) the quadrupole in the lattice, round
+    the ring.
+
+    Raises:
+        ValueError: the response has no corrector of a plane.
+    """
+    names = [str(n) for n in response.data["corrector_names"]]
+    bpm_el = np.array([description.device(str(b)).elements[0] for b in response.data["bpm_names"]])
+    by_plane = {}
+    for plane in ("h", "v"):
+        cols = [j for j, n in enumerate(names) if description.device(n).plane == plane]
+        if not cols:
+            raise ValueError(f"bba: the response {response.uid} has no {plane} corrector")
+        by_plane[plane] = (
+            np.array(cols),
+            np.array([description.device(names[j]).elements[0] for j in cols]),
+        )
+    columns, inside = [], np.zeros((len(knobs), bpm_el.size), bool)
+    for k, knob in enumerate(knobs):
+        quad = description.device(knob.quadrupole).elements
+        lo, hi = min(quad), max(quad)
+        found: list[int] = []
+        for plane in ("h", "v"):
+            cols, el = by_plane[plane]
+            up = (
+                cols[np.argmax(np.where(el < lo, el, -1))]
+                if (el < lo).any()
+                else cols[np.argmax(el)]
+            )
+            down = (
+                cols[np.argmin(np.where(el > hi, el, np.inf))]
+                if (el > hi).any()
+                else cols[np.argmin(el)]
+            )
+            e_up = description.device(names[up]).elements[0]
+            e_down = description.device(names[down]).elements[0]
+            between = (
+                (bpm_el > e_up) & (bpm_el < e_down)
+                if e_up < e_down
+                else (bpm_el > e_up) | (bpm_el < e_down)
+            )
+            inside[k] |= between
+            found += [int(up), int(down)]
+        columns.append((found[0], found[1], found[2], found[3]))
+    matrix = np.asarray(response.data["matrix"], float)
+    return _MeasuredShapes(matrix, names, columns, inside)
+
+
+def _member_orders(n_members: int, n_positions: int) -> np.ndarray:
+    """(n_members, 2, n_positions) scan orders: each member the serial scan's x-y pattern.
+
+    Member 0 visits the amplitudes sorted in x and in
+    :func:`~accplans.physics.decorrelated_order` in y; the others visit the same (x, y) pairs
+    in a random order of their own (seeded), so that the members' scans are independent.
+    """
+    pattern = decorrelated_order(n_positions)
+    rng = np.random.default_rng(0)
+    orders = np.zeros((n_members, 2, n_positions), np.int64)
+    for m in range(n_members):
+        x = np.arange(n_positions) if m == 0 else rng.permutation(n_positions)
+        orders[m] = x, pattern[x]
+    return orders
+
+
+def _fit_with_shapes(
+    shapes: _MeasuredShapes,
+    members: Sequence[int],
+    diff: np.ndarray,
+    readings: np.ndarray,
+    noise: np.ndarray | None,
+    rows: Sequence[int],
+    planes: str,
+    min_slope_snr: float,
+    max_chi2_red: float,
+) -> dict[str, list[BbaFit]]:
+    """A group's fits from its difference orbits split over the members' measured shapes.
+
+    Each member's own coefficients, whitened, are fitted against its readings like a serial
+    scan's difference orbits (their direction in the member's shapes from the data).
+
+    Args:
+        shapes: the measured shapes.
+        members: the group's knob indices.
+        diff: (npos, 2, nbpm) difference orbits (m).
+        readings: (npos, 2, nmember) the members' readings (m).
+        noise: (2, nbpm) the mean reading's noise (m), or ``None``.
+        rows: the members' BPM indices.
+        planes: the planes scanned.
+        min_slope_snr: as :func:`~accplans.physics.fit_bba_center`'s.
+        max_chi2_red: as :func:`~accplans.physics.fit_bba_center`'s.
+    """
+    basis = shapes.basis(members)
+    keep = ~np.any(shapes.inside[list(members)], axis=0)
+    changes = np.concatenate([diff[:, 0], diff[:, 1]], axis=1)
+    sigma = None if noise is None else np.sqrt(2) * noise.ravel()
+    try:
+        split = fit_basis_kicks(changes, basis, sigma, np.r_[keep, keep])
+    except ValueError as err:
+        reason = f"the group's difference orbits cannot be split over its shapes: {err}"
+        return {
+            p: [_rejected(readings[:, "xy".index(p), m], reason) for m in range(len(members))]
+            for p in planes
+        }
+    out: dict[str, list[BbaFit]] = {p: [] for p in planes}
+    for m in range(len(members)):
+        new = {}
+        for p in planes:
+            r = "xy".index(p)
+            new[p] = fit_bba_center(
+                readings[:, r, m],
+                split.whitened([4 * m + 2 * r, 4 * m + 2 * r + 1]),
+                sigma_position_m=None if noise is None else noise[r, rows[m]] / np.sqrt(2),
+                sigma_change_m=1.0,
+                min_slope_snr=min_slope_snr,
+                max_chi2_red=max_chi2_red,
+                other_positions_m=readings[:, 1 - r, m] if planes == "xy" else None,
+            )
+        if planes == "xy":
+            new["x"], new["y"] = combine_bba_planes(new["x"], new["y"])
+        for p in planes:
+            out[p].append(new[p])
+    return out
+
+
+def _rejected(positions: np.ndarray, reason: str) -> BbaFit:
+    """A fit that could not be made: NaN numbers and the reason."""
+    nan = float("nan")
+    npos = len(positions)
+    return BbaFit(
+        center_m=nan,
+        std_center_m=nan,
+        slope=nan,
+        std_slope=nan,
+        chi2_red=nan,
+        r_squared=nan,
+        curvature=nan,
+        std_curvature=nan,
+        positions_m=np.asarray(positions, float),
+        projections_m=np.full(npos, nan),
+        std_projections_m=np.full(npos, nan),
+        direction=np.zeros(0),
+        n_bpms=0,
+        rejected=reason,
+    )
