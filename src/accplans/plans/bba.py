@@ -444,7 +444,9 @@ def bba(
     Hysteresis: the quadrupole goes to ``K0 - dK`` before the first reading, so every
     ``K0 + dK`` is approached from below and every ``K0 - dK`` from above: every reading of
     a sign lies on the same branch of the same minor loop, and the zero crossing is unchanged
-    by the hysteresis (it only scales the slope).
+    by the hysteresis (it only scales the slope). A group changes sign through ``K0`` (each
+    member still moves one way), so that while its members' puts land one by one the tune
+    moves by at most half the group's summed shifts, not all of it.
 
     Everything is checked before anything moves: the BPM names, ``dK`` against the
     quadrupoles' limits (and ``dk_rel`` within ``(0, 0.1]``), every bump amplitude against the
@@ -725,6 +727,12 @@ def bba(
                             )
                         # one-sided approach (hysteresis): from the other sign first
                         yield from set_quads(qs, quad_values(members, -1.0))
+                    if len(qs) > 1:
+                        # a group changes sign through K0: the members' puts land one by
+                        # one, and half-way the same-signed members' tune shifts would
+                        # add up (the full group's, 4 x 10 % on the small ring's QF: past
+                        # the half integer) instead of half of them
+                        yield from set_quads(qs, quad_values(members, 0.0))
                     t_quad = yield from set_quads(qs, quad_values(members, sign))
                     orbit, var = yield from measure(max(t_bump, t_quad))
                     n_steps += 1
