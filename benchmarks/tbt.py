@@ -7,9 +7,16 @@ noise per turn):
    measures its optics on a corrected orbit (``--no-orbit-correction`` skips it: the
    uncorrected orbit, ~0.5 mm rms, feeds down in the sextupoles to gradients 18x the
    quadrupole errors and to skew gradients); then four bad BPMs are injected at random
-   (dead, noisy 100 um, gain x1.3, x/y swapped);
+   (dead, noisy 100 um, gain x1.3, x/y swapped); with ``--coupling-correction``,
+   ``correct_coupling`` runs between the two (as ``benchmarks/coupling.py`` calls it: every 9th
+   corrector per plane, the skew family, 3 iterations, vertical dispersion weighted 1000 /rad
+   and measured with +-2e-3 momentum steps and 4 frames per setting), as an operator measures
+   optics on a machine with corrected orbit and coupling; printed: the true ``|C-|``
+   (``true_c_minus``) and the coupling's share (below, over all BPMs) before and after it;
 1. ``measure_tbt`` at a "large" kick (default 60/60 urad, ``--shots`` shots of ``--turns``
-   turns, ``beta_method="fit"``): beta from phase, 3-BPM and fitted model, against the true
+   turns, ``beta_method="fit"``, or ``"coupled"`` with ``--beta-method coupled``: the fit with
+   a skew gradient per sextupole, from the coupling ratios): beta from phase, 3-BPM and fitted
+   model, against the true
    lattice's normal-mode beta (pyAT ``linopt6``: the phase of the Q1 line at the x BPMs is
    mode 1's phase there, its amplitude the mode's beta_1x; likewise y), rms over the BPMs
    not flagged, per plane (the issue: <= 1 %); the 3-BPM error with the exact phases of the
@@ -23,7 +30,8 @@ noise per turn):
    EBS is ~1e5 /m: 60 urad shifts Qx by ~1e-3); the issue: within 5e-5.
 
 Run: ``nice -n 10 .venv/bin/python benchmarks/tbt.py [--seeds 1 2 3] [--turns 256]
-[--shots 4] [--kicks 20 60] [--no-orbit-correction] [--save DIR] [--timeout 600]`` (urad;
+[--shots 4] [--kicks 20 60] [--no-orbit-correction] [--coupling-correction]
+[--beta-method fit|coupled] [--save DIR] [--timeout 600]`` (urad;
 ``--save`` keeps each seed's truth and ``tbt`` result; ``--timeout``: longest wait for one
 shot, s, generous because a loaded host tracks slowly).
 """
@@ -51,8 +59,14 @@ from bluesky.run_engine import call_in_bluesky_event_loop  # noqa: E402
 from accplans.config import load_description  # noqa: E402
 from accplans.devices import Pinger, TbtBuffers, connect_sync  # noqa: E402
 from accplans.physics import beta_from_phase, zero_amplitude_tunes  # noqa: E402
-from accplans.plans import correct_orbit, measure_tbt, shutdown_workers  # noqa: E402
+from accplans.plans import (  # noqa: E402
+    correct_coupling,
+    correct_orbit,
+    measure_tbt,
+    shutdown_workers,
+)
 from accplans.plans.tbt import model_tbt_reference  # noqa: E402
+from accplans.sim import true_c_minus  # noqa: E402
 
 BAD_KINDS = (("dead", 0.0), ("noisy", 100e-6), ("gain", 1.3), ("swapped", 0.0))
 
@@ -94,6 +108,56 @@ def run_measurement(
     return found, time.perf_counter() - t0
 
 
+def coupling_figures(twin: Any) -> tuple[float, np.ndarray]:
+    """The true lattice's ``|C-|`` and its coupling's share at the BPMs.
+
+    The share: rms over all BPMs of normal-mode (``linopt6``) over uncoupled (``linopt2``)
+    beta minus 1, per plane (x, y).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        truth = twin.control.export_truth(tmp)
+    ring = truth.ring
+    refpts = truth.bpm_elements.astype(np.uint32)
+    orbit0, _ = at.find_orbit4(ring, dct=truth.dct_m)
+    dp = float(orbit0[4])
+    _, _, optics = at.linopt6(ring, refpts=refpts, dp=dp)
+    _, _, uncoupled = at.linopt2(ring, refpts=refpts, dp=dp)
+    share = np.sqrt(np.mean((uncoupled.beta / optics.beta - 1) ** 2, axis=0))
+    return true_c_minus(ring, truth.dct_m), share
+
+
+def run_coupling_correction(engine: RunEngine, machine: Any, twin: Any, seed: int) -> None:
+    """``correct_coupling`` as ``benchmarks/coupling.py`` calls it; prints the truth around it.
+
+    Changes the skew windings (kept); correctors and RF frequency are put back by the plan.
+    """
+    description = machine.description
+    select = description.family("hcorr").devices[::9] + description.family("vcorr").devices[::9]
+    c0, share0 = coupling_figures(twin)
+    t0 = time.perf_counter()
+    engine(
+        correct_coupling(
+            machine.bpms,
+            [machine.hcorr, machine.vcorr],
+            machine.rf,
+            machine.skew,
+            iterations=3,
+            select=select,
+            dp=2e-3,
+            n_samples=4,
+            dispersion_weight=1000.0,
+        )
+    )
+    elapsed = time.perf_counter() - t0
+    c1, share1 = coupling_figures(twin)
+    print(
+        f"seed {seed} correct_coupling ({elapsed:.0f} s): true |C-| {c0:.3e} -> {c1:.3e}; "
+        f"normal-mode minus uncoupled beta rms x {share0[0]:.4f} -> {share1[0]:.4f}, "
+        f"y {share0[1]:.4f} -> {share1[1]:.4f}",
+        flush=True,
+    )
+
+
 def rms_error(measured: np.ndarray, truth: np.ndarray) -> float:
     """Rms of ``measured / truth - 1`` over the finite values."""
     rel = np.asarray(measured) / np.asarray(truth) - 1
@@ -114,6 +178,14 @@ def main() -> None:
         "--no-orbit-correction",
         action="store_true",
         help="measure on the uncorrected closed orbit (default: correct_orbit first)",
+    )
+    parser.add_argument(
+        "--beta-method", choices=["fit", "coupled"], default="fit", help="of the large kick"
+    )
+    parser.add_argument(
+        "--coupling-correction",
+        action="store_true",
+        help="correct_coupling after correct_orbit, before the measurements",
     )
     args = parser.parse_args()
     small_kick, large_kick = (k * 1e-6 for k in args.kicks)
@@ -138,13 +210,15 @@ def main() -> None:
             if not args.no_orbit_correction:
                 # as on a real machine: TbT optics on a corrected orbit (bad BPMs come after)
                 engine(correct_orbit(machine.bpms, [machine.hcorr, machine.vcorr], rf=machine.rf))
+            if args.coupling_correction:
+                run_coupling_correction(engine, machine, twin, seed)
             rng = np.random.default_rng(1000 + seed)
             picks = rng.choice(n, len(BAD_KINDS), replace=False)
             bad = {names[i]: kind for i, kind in zip(picks, BAD_KINDS, strict=True)}
             for name, (kind, value) in bad.items():
                 twin.control.set_bad_bpm(name, kind, value)
             large, t_large = run_measurement(
-                engine, buffers, pinger, large_kick, args, model, "fit"
+                engine, buffers, pinger, large_kick, args, model, args.beta_method
             )
             small, t_small = run_measurement(engine, buffers, pinger, small_kick, args, model)
             with tempfile.TemporaryDirectory() as tmp:
@@ -205,8 +279,9 @@ def main() -> None:
                 f"x {beta3_rms[0]:.4f} y {beta3_rms[1]:.4f}"
             )
             print(
-                f"  beta from phase (fit) rms error x {beta_rms[0]:.4f} y {beta_rms[1]:.4f}; phase "
-                f"advance rms error x {phase_rms[0] * 1e3:.2f} y {phase_rms[1] * 1e3:.2f} mrad; "
+                f"  beta from phase ({args.beta_method}) rms error x {beta_rms[0]:.4f} "
+                f"y {beta_rms[1]:.4f}; phase advance rms error x {phase_rms[0] * 1e3:.2f} "
+                f"y {phase_rms[1] * 1e3:.2f} mrad; "
                 f"beating measured x {float(large['beating_rms_x']):.4f} "
                 f"y {float(large['beating_rms_y']):.4f}"
             )

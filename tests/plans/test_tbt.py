@@ -106,3 +106,43 @@ def test_kick_beyond_the_pinger_limit_moves_nothing(
             measure_tbt(buffers, pinger, amplitude_x=2 * kick_max * 1e-6, amplitude_y=0.0),
         )
     assert _values(pinger.kick_x, pinger.kick_y, buffers.turns, buffers.counter) == before
+
+
+@pytest.mark.twin(seed=1)
+def test_coupled_beta_method_records_the_coupled_fit(
+    run_engine: RunEngine,
+    writer: BackgroundTiledWriter,
+    client: Any,
+    fresh_small_twin: TwinProcess,
+    tbt_devices: tuple[TbtBuffers, Pinger],
+    tmp_path: Path,
+) -> None:
+    """``beta_method="coupled"``: the result says so, carries the fit's coupling residual, and
+    its beta is within 1 % rms of the true lattice's normal-mode beta."""
+    buffers, pinger = tbt_devices
+    result = run_plan(
+        run_engine,
+        measure_tbt(
+            buffers,
+            pinger,
+            amplitude_x=100e-6,
+            amplitude_y=100e-6,
+            turns=1024,
+            shots=2,
+            beta_method="coupled",
+        ),
+    )
+    assert result.exit_status == "success"
+    (uid,) = result.run_start_uids
+    written_run(client, writer, uid)
+    tbt = load_result(client, uid, "tbt")
+    assert str(tbt["beta_method"]) == "coupled"
+    assert np.isfinite(float(tbt["fit_coupling_residual_rms"]))
+    truth = fresh_small_twin.control.export_truth(tmp_path / "truth")
+    orbit0, _ = at.find_orbit4(truth.ring, dct=truth.dct_m)
+    refpts = truth.bpm_elements.astype(np.uint32)
+    _, _, optics = at.linopt6(truth.ring, refpts=refpts, dp=float(orbit0[4]))
+    good = ~np.asarray(tbt["bad"], bool)
+    for p, plane in enumerate(("x", "y")):
+        rel = tbt[f"beta_{plane}"][good] / optics.beta[good, p] - 1
+        assert np.sqrt(np.mean(rel**2)) < 0.01, f"coupled beta {plane}: {rel}"

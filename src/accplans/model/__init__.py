@@ -37,7 +37,13 @@ from ._orbit import (
     frequency_for_dct,
 )
 from ._orm import FieldDrive, OrbitResponse, brute_force_orm, linear_orm
-from ._phase import PhaseFit, PhaseModel, fit_phase_model, phase_correction
+from ._phase import (
+    PhaseFit,
+    PhaseModel,
+    fit_coupled_phase_model,
+    fit_phase_model,
+    phase_correction,
+)
 from ._response import plane_response_blocks
 from ._strengths import LatticeStrengths, strengths_from_lattice
 
@@ -70,6 +76,7 @@ __all__ = [
     "UnstableMotion",
     "brute_force_orm",
     "dct_for_frequency",
+    "fit_coupled_phase_model",
     "fit_phase_model",
     "frequency_for_dct",
     "gradient_correction",

@@ -18,7 +18,10 @@ The 3-BPM method assumes the model's transport between neighbouring BPMs, which 
 them break (on the EBS twin it is off by ~2.8 % with exact phases). A model fitted to the phases
 does better: :func:`phase_response` is the analytic first-order response of the phases to
 gradients and :func:`phase_fit_step` one Tikhonov step with each plane's phase offset free;
-``accplans.model.fit_phase_model`` iterates them on pyAT's optics.
+``accplans.model.fit_phase_model`` iterates them on pyAT's optics. Coupling shows in each
+mode's line in the other plane: :func:`coupling_ratios` (a lattice property per BPM) and
+:func:`coupling_fit_step` are what ``accplans.model.fit_coupled_phase_model`` fits skew
+gradients with.
 
 Bad BPMs (:func:`find_bad_bpms`) are found from the SVD of the centred BPM x turn matrix: a
 betatron oscillation is rank 2 (a cos and a sin spatial vector sharing their turn dependence,
@@ -43,6 +46,8 @@ __all__ = [
     "analyze_tbt",
     "beta_beating",
     "beta_from_phase",
+    "coupling_fit_step",
+    "coupling_ratios",
     "find_bad_bpms",
     "phase_advances",
     "phase_fit_step",
@@ -100,12 +105,48 @@ def tbt_phases(data: np.ndarray, tune: float) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         ``(phase, amplitude)``, each (n_bpm,); the phase in (-pi, pi].
     """
-    x = _centred(data)
-    n = x.shape[1]
+    z = _line(_centred(data), tune)
+    return np.angle(z), 2.0 * np.abs(z)
+
+
+def _line(centred: np.ndarray, tune: float) -> np.ndarray:
+    """Hann-windowed projection of each row on ``exp(-2 pi i Q n)`` (complex, half amplitude)."""
+    n = centred.shape[1]
     turns = np.arange(n)
     window = np.sin(np.pi * (turns + 0.5) / n) ** 2
-    z = x @ (window * np.exp(-2j * np.pi * tune * turns)) / window.sum()
-    return np.angle(z), 2.0 * np.abs(z)
+    return centred @ (window * np.exp(-2j * np.pi * tune * turns)) / window.sum()
+
+
+def coupling_ratios(x: np.ndarray, y: np.ndarray, tunes: np.ndarray) -> np.ndarray:
+    """Complex ratios of each mode's line in the other plane to its line in its own plane.
+
+    Row 0: the Q1 line of the vertical readings over that of the horizontal ones; row 1: the
+    Q2 line of the horizontal readings over that of the vertical ones; per BPM, averaged over
+    the shots. A ratio is a property of the lattice at the BPM, whatever the kick and the
+    decoherence of the mode: with ``v_k = A[:, 2k] + i A[:, 2k+1]`` the normalising matrix of
+    pyAT's ``linopt6`` at the BPM, row 0 is ``v_1[y] / v_1[x]`` and row 1 ``v_2[x] / v_2[y]``
+    (0 without coupling). A BPM roll ``theta`` adds ``-theta`` to row 0 and ``+theta`` to row 1.
+
+    Args:
+        x: (n_bpm, n_turns) or (n_shots, n_bpm, n_turns) horizontal positions (m).
+        y: the vertical positions (m), same shape.
+        tunes: (2,) fractional tunes ``(Q1, Q2)`` (as :func:`analyze_tbt` gives them).
+
+    Returns:
+        (2, n_bpm) complex ratios (NaN where a BPM has no own-plane line).
+    """
+    shots = [np.asarray(x, dtype=float), np.asarray(y, dtype=float)]
+    if shots[0].ndim == 2:
+        shots = [s[None] for s in shots]
+    out = np.zeros((2, shots[0].shape[1]), dtype=complex)
+    for mode, (own, other) in enumerate(((0, 1), (1, 0))):
+        q = float(tunes[mode])
+        ratios = []
+        for a, b in zip(shots[own], shots[other], strict=True):
+            za, zb = _line(_centred(a), q), _line(_centred(b), q)
+            ratios.append(np.where(za != 0, zb / np.where(za != 0, za, 1.0), np.nan))
+        out[mode] = np.mean(ratios, axis=0)
+    return out
 
 
 def _wrap(angle: np.ndarray) -> np.ndarray:
@@ -320,6 +361,7 @@ class TbtOptics:
         beating_rms: (2,) rms beta-beating.
         bad: (n,) BPMs flagged bad in either plane.
         bad_reasons: reasons per plane: ``{"x": {i: [...]}, "y": {...}}``.
+        coupling: (2, n) complex coupling ratios (:func:`coupling_ratios`).
     """
 
     tunes: np.ndarray
@@ -333,6 +375,7 @@ class TbtOptics:
     beating_rms: np.ndarray
     bad: np.ndarray
     bad_reasons: dict[str, dict[int, list[str]]]
+    coupling: np.ndarray = field(default_factory=lambda: np.zeros((2, 0), dtype=complex))
 
 
 def amplitude_outliers(
@@ -384,7 +427,7 @@ def analyze_tbt(
     (:func:`amplitude_outliers`, a gain jump; beta-beating would hide it from a test against
     the model's beta). The tunes are the mean of the shots' combined tunes; each BPM's phase is
     the circular mean of its phases over the shots (all shots of a pinger start alike) and its
-    amplitude the mean.
+    amplitude the mean; the coupling ratios are :func:`coupling_ratios` at the tunes.
 
     Args:
         x: (n_bpm, n_turns) or (n_shots, n_bpm, n_turns) horizontal positions (m).
@@ -473,6 +516,7 @@ def analyze_tbt(
         beating_rms=np.array(rms),
         bad=bad,
         bad_reasons=reasons,
+        coupling=coupling_ratios(shots[0], shots[1], np.array(tunes)),
     )
 
 
@@ -590,3 +634,37 @@ def phase_fit_step(
         model[rows] += wt @ (r[ok][rows] - model[rows])
     fitted[ok] = model
     return dk, fitted
+
+
+def coupling_fit_step(
+    jacobian: np.ndarray,
+    residual: np.ndarray,
+    sigma: np.ndarray,
+    *,
+    alpha: float = 1e-3,
+    scale: np.ndarray | None = None,
+) -> np.ndarray:
+    """Parameter step (Tikhonov) that best removes a coupling-ratio residual.
+
+    Solves ``min |W (r - J p)|^2 + (alpha s_1)^2 |p / scale|^2`` (``s_1`` the largest singular
+    value of the scaled, weighted system); rows with a NaN are ignored.
+
+    Args:
+        jacobian: (n_rows, m) d observable / d parameter.
+        residual: (n_rows,) measured minus model observables.
+        sigma: (n_rows,) uncertainty of each row.
+        alpha: Tikhonov parameter relative to the largest singular value.
+        scale: (m,) expected size of each parameter (prior widths; default 1).
+
+    Returns:
+        (m,) the step.
+    """
+    j = np.asarray(jacobian, float)
+    r = np.asarray(residual, float)
+    w = 1.0 / np.asarray(sigma, float)
+    ok = np.isfinite(r) & np.isfinite(w) & np.all(np.isfinite(j), axis=1)
+    sc = np.ones(j.shape[1]) if scale is None else np.asarray(scale, float)
+    a = j[ok] * sc * w[ok, None]
+    u, sv, vt = np.linalg.svd(a, full_matrices=False)
+    lam = alpha * sv[0]
+    return vt.T @ (sv / (sv**2 + lam**2) * (u.T @ (r[ok] * w[ok]))) * sc

@@ -13,7 +13,7 @@ from ophyd_async.core import wait_for_value
 from accplans.config import MachineDescription
 from accplans.data import FieldSpec, ResultSchema, record_result, register_result_kind, run_metadata
 from accplans.devices import Pinger, TbtBuffers, TbtData, call_async
-from accplans.model import OnlineModel, PhaseFit, fit_phase_model
+from accplans.model import OnlineModel, PhaseFit, fit_coupled_phase_model, fit_phase_model
 from accplans.physics import TbtOptics, analyze_tbt, beta_beating
 
 from ._record import Record
@@ -55,6 +55,7 @@ register_result_kind(
             "beta_3bpm_x": FieldSpec("m", "(nbpm,)", optional=True),
             "beta_3bpm_y": FieldSpec("m", "(nbpm,)", optional=True),
             "fit_residual_rms": FieldSpec("rad", "()", optional=True),
+            "fit_coupling_residual_rms": FieldSpec("", "()", optional=True),
             **{
                 f"{name}_{plane}": FieldSpec(unit, "(nbpm,)")
                 for plane in ("x", "y")
@@ -140,7 +141,11 @@ def measure_tbt(
             transport between them) or ``"fit"`` (the design model's quadrupole gradients and
             the sextupoles' orbit gradients fitted to the measured phases,
             :func:`accplans.model.fit_phase_model`, in the worker; ``beta_*`` is the fitted
-            model's beta, ``beta_3bpm_*`` the 3-BPM one; tens of seconds on EBS).
+            model's beta, ``beta_3bpm_*`` the 3-BPM one; tens of seconds on EBS) or
+            ``"coupled"`` (the fit with a skew gradient per sextupole element as well,
+            determined by the coupling ratios of the lines,
+            :func:`accplans.model.fit_coupled_phase_model`: for a coupled machine, e.g. an
+            uncorrected vertical orbit in the sextupoles; minutes on EBS).
 
     Returns:
         The uid of the run: a ``primary`` event per shot (``shot-x``, ``shot-y``: (n_bpm,
@@ -152,8 +157,10 @@ def measure_tbt(
             raise ValueError(f"measure_tbt: {label} must be finite, got {kick!r}")
     if amplitude_x == 0 and amplitude_y == 0:
         raise ValueError("measure_tbt: at least one of amplitude_x, amplitude_y must be non-zero")
-    if beta_method not in ("3bpm", "fit"):
-        raise ValueError(f"measure_tbt: beta_method must be '3bpm' or 'fit', got {beta_method!r}")
+    if beta_method not in ("3bpm", "fit", "coupled"):
+        raise ValueError(
+            f"measure_tbt: beta_method must be '3bpm', 'fit' or 'coupled', got {beta_method!r}"
+        )
     if turns < 16 or shots < 1:
         raise ValueError(f"measure_tbt: need turns >= 16 and shots >= 1, got {turns}, {shots}")
     names = list(bpms.bpm_names)
@@ -227,9 +234,17 @@ def measure_tbt(
             )
             kicks = (amplitude_x, amplitude_y, turns, shots)
             fields = tbt_result(optics, names, beta, tunes, kicks)
-            if beta_method == "fit":
+            if beta_method != "3bpm":
+                coupling = optics.coupling if beta_method == "coupled" else None
                 fit = yield from compute(
-                    fit_tbt_beta, description, names, optics.phases, optics.amplitudes, ~optics.bad
+                    fit_tbt_beta,
+                    description,
+                    names,
+                    optics.phases,
+                    optics.amplitudes,
+                    ~optics.bad,
+                    None,
+                    coupling,
                 )
                 fields.update(fit_fields(fit, beta, optics))
             yield from record_result("tbt", **fields)
@@ -326,22 +341,31 @@ def fit_tbt_beta(
     amplitudes: np.ndarray,
     good: np.ndarray,
     hardware: dict[str, float] | None = None,
+    coupling: np.ndarray | None = None,
 ) -> PhaseFit:
     """The model fitted to measured phases (a worker job; the design model by default).
 
     Each phase is weighted by its BPM's oscillation amplitude (its noise is the BPM noise over
-    the amplitude).
+    the amplitude). With ``coupling`` ((2, n) complex coupling ratios), the coupled fit
+    (:func:`~accplans.model.fit_coupled_phase_model`).
     """
     model = OnlineModel(description)
     if hardware:
         model.set_hardware(hardware)
     sigma = 1.0 / np.where(amplitudes > 0, amplitudes, np.nan)
+    if coupling is not None:
+        return fit_coupled_phase_model(model, phases, coupling, sigma, good, bpms=bpm_names)
     return fit_phase_model(model, phases, sigma, good, bpms=bpm_names)
 
 
 def fit_fields(fit: PhaseFit, model_beta: np.ndarray, optics: TbtOptics) -> dict[str, Any]:
     """The ``tbt`` fields of a fitted beta (beta, beating from the fit; 3-BPM kept aside)."""
-    out: dict[str, Any] = {"beta_method": "fit", "fit_residual_rms": float(fit.residual_rms[-1])}
+    out: dict[str, Any] = {
+        "beta_method": "coupled" if fit.skew_parameters else "fit",
+        "fit_residual_rms": float(fit.residual_rms[-1]),
+    }
+    if fit.skew_parameters:
+        out["fit_coupling_residual_rms"] = float(fit.coupling_residual_rms[-1])
     good = ~optics.bad
     for p, plane in enumerate(("x", "y")):
         beta = np.where(good, fit.beta[p], np.nan)
